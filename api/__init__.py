@@ -1,0 +1,1 @@
+"""textgen.api: the HTTP server (TGI and OpenAI routes), the gRPC service and the CLI."""

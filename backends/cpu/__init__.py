@@ -1,0 +1,1 @@
+"""The CPU backend: the embedded default, pure torch, always available, lowest priority."""

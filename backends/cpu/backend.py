@@ -1,0 +1,65 @@
+"""CPU Backend: device facts for the host CPU."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from textgen.core.backend import Backend, MemoryInfo
+
+
+def _meminfo_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _cgroup_limit_bytes() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = open(path).read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:
+            return int(raw)
+    return None
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16, torch.float16)
+
+    def default_dtype(self) -> torch.dtype:
+        # bf16 matmuls are only fast with AVX512-BF16/AMX; plain AVX2 machines run fp32 faster.
+        cap = torch.backends.cpu.get_cpu_capability()
+        return torch.bfloat16 if cap in ("AVX512_BF16", "AMX") else torch.float32
+
+    def memory_info(self) -> MemoryInfo:
+        total = _meminfo_bytes("MemTotal") or 8 << 30
+        available = _meminfo_bytes("MemAvailable") or total // 2
+        limit = _cgroup_limit_bytes()
+        if limit is not None:
+            total, available = min(total, limit), min(available, limit)
+        return MemoryInfo(total, available)
+
+    def distributed_backend(self) -> str:
+        return "gloo"
+
+    def describe(self) -> str:
+        threads = torch.get_num_threads()
+        return f"cpu: {self.candidate.reason}, {threads} torch threads, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def default_num_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,23 @@
+"""CPU backend plugin: hook implementations only; imports nothing heavy."""
+from __future__ import annotations
+
+import os
+import platform
+
+from textgen.core.backend import BackendCandidate
+from textgen.core.hookspecs import hookimpl
+from textgen.core.registry import AttentionBackendInfo
+
+PRIORITY = 0  # lowest: any available accelerator wins over the CPU
+
+
+@hookimpl
+def textgen_probe_backend(config: object) -> BackendCandidate:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    detail = f"{platform.machine()} CPU, {cores} cores"
+    return BackendCandidate("cpu", True, PRIORITY, detail, "textgen.backends.cpu.backend:CPUBackend")
+
+
+@hookimpl
+def textgen_attention_backends(backend: object) -> list[AttentionBackendInfo]:
+    return [AttentionBackendInfo("cpu_paged", "textgen.backends.cpu.attention:CPUPagedAttention", 0)]

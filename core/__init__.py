@@ -1,0 +1,35 @@
+"""textgen.core: the device-agnostic heart of textgen.
+
+Interfaces (Backend, AttentionBackend, KVCache, Quantizer, Model), the pluggy hook specs,
+model implementations, weight loading, the scheduler, sampling and grammar.
+
+Importing this package stays light (no torch import) so `textgen backends` and plugin discovery
+are fast; heavy objects are imported lazily through `__getattr__`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LLM": "textgen.core.llm",
+    "AsyncEngine": "textgen.core.engine.async_engine",
+    "SamplingParams": "textgen.core.sampling_params",
+}
+
+if TYPE_CHECKING:
+    from textgen.core.engine.async_engine import AsyncEngine
+    from textgen.core.llm import LLM
+    from textgen.core.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'textgen.core' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "AsyncEngine", "SamplingParams", "__version__"]

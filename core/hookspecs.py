@@ -1,0 +1,80 @@
+"""The pluggy hook specifications a textgen backend plugin implements.
+
+A backend plugin is a module (or object) registered under the `textgen.backends` entry point
+group. It implements some of the hooks below with `@hookimpl`. Every hook is called with keyword
+arguments. Hooks must stay cheap and must never import a vendor SDK at module import time: class
+paths are strings, resolved only once the backend has been chosen.
+
+Ordering contract:
+1. `textgen_probe_backend` is called on every registered plugin (never initializing a device).
+2. One backend is selected (see `textgen.core.plugins.select_backend`); all other backend plugins
+   are unregistered, so the remaining hooks are answered by the chosen plugin (plus non-backend
+   plugins such as model-architecture providers).
+3. `textgen_configure` may adjust or refuse the engine config.
+4. `textgen_attention_backends` / `textgen_quantizers` / `textgen_model_architectures` feed
+   the registries used when building the model.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import argparse
+
+    from textgen.core.backend import Backend, BackendCandidate
+    from textgen.core.config import EngineConfig
+    from textgen.core.registry import AttentionBackendInfo, QuantizerInfo
+
+PROJECT_NAME = "textgen"
+ENTRY_POINT_GROUP = "textgen.backends"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def textgen_probe_backend(config: EngineConfig | None) -> BackendCandidate | None:
+    """Say whether this plugin's device can run here.
+
+    Return a `BackendCandidate` (available or not, with a reason that names the exact missing
+    package, device or driver when unavailable, or the device detail when available), or None
+    when the plugin provides no backend. Must never initialize a device or allocate memory on it:
+    only look at installed packages, device files and driver-reported counts.
+    """
+
+
+@hookspec
+def textgen_configure(config: EngineConfig, backend: Backend) -> list[str] | None:
+    """Adjust `config` in place for the chosen backend (block size, dtype, graphs).
+
+    Return a list of reasons the config cannot run on this backend (empty or None when fine);
+    the engine refuses to start and prints them.
+    """
+
+
+@hookspec
+def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
+    """Attention kernels this backend offers, each with a priority and a lazy class path."""
+
+
+@hookspec
+def textgen_quantizers(backend: Backend) -> list[QuantizerInfo]:
+    """Quantization methods offered, keyed by Hugging Face `quant_method` name."""
+
+
+@hookspec
+def textgen_model_architectures() -> dict[str, str]:
+    """Extra or overriding model classes: HF architecture name -> "module:Class" path."""
+
+
+@hookspec
+def textgen_add_cli_options(parser: argparse.ArgumentParser) -> None:
+    """Add backend-specific flags to the `textgen serve` parser."""
+
+
+def _all_specs() -> Any:
+    import sys
+
+    return sys.modules[__name__]

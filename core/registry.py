@@ -1,0 +1,47 @@
+"""Registries fed by backend hooks: attention kernels and quantizers, chosen by lazy class path."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionBackendInfo:
+    """One attention kernel a backend offers; the highest priority whose `check` passes wins."""
+
+    name: str
+    class_path: str  # "package.module:Class", imported only when chosen
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizerInfo:
+    """A quantization method, keyed by Hugging Face's `quant_method` name (e.g. "fp8", "awq")."""
+
+    name: str
+    class_path: str
+
+
+def load_class(class_path: str) -> Any:
+    """Import "package.module:Name" (or "package.module.Name") and return the attribute."""
+    module_name, sep, attr = class_path.partition(":")
+    if not sep:
+        module_name, _, attr = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def choose_attention_backend(infos: list[AttentionBackendInfo], spec: Any) -> type:
+    """Pick the highest-priority attention class whose `check(spec)` returns no reasons.
+
+    Raises ValueError listing every rejected kernel with its reasons when none fits.
+    """
+    rejected: list[str] = []
+    for info in sorted(infos, key=lambda i: -i.priority):
+        cls = load_class(info.class_path)
+        reasons = cls.check(spec)
+        if not reasons:
+            return cls
+        rejected.append(f"{info.name}: {'; '.join(reasons)}")
+    detail = "\n  ".join(rejected) or "no attention backend was offered by the selected backend"
+    raise ValueError(f"no attention backend can run this model:\n  {detail}")
