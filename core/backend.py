@@ -83,6 +83,11 @@ class Backend(ABC):
     def distributed_backend(self) -> str:
         return "gloo"
 
+    def kv_cache_budget_bytes(self, config: EngineConfig) -> int:
+        """Bytes the KV cache may take, measured after the weights are loaded."""
+        fraction = config.kv_cache_memory_fraction if config is not None else 0.9
+        return int(self.memory_info().available_bytes * fraction)
+
     def allocate_kv_cache(
         self, shape: tuple[int, ...], dtype: torch.dtype, num_layers: int
     ) -> list[torch.Tensor]:

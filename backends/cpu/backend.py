@@ -5,7 +5,12 @@ import os
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from textgen.core.backend import Backend, MemoryInfo
+
+if TYPE_CHECKING:
+    from textgen.core.config import EngineConfig
 
 
 def _meminfo_bytes(key: str) -> int | None:
@@ -55,6 +60,12 @@ class CPUBackend(Backend):
 
     def distributed_backend(self) -> str:
         return "gloo"
+
+    def kv_cache_budget_bytes(self, config: EngineConfig) -> int:
+        """Host memory is shared with everything else: cap the KV cache at TEXTGEN_CPU_KV_CACHE_GB
+        (default 4 GiB, as vLLM's CPU backend does) and at the configured fraction of free memory."""
+        cap = int(float(os.environ.get("TEXTGEN_CPU_KV_CACHE_GB", "4")) * 2**30)
+        return min(cap, super().kv_cache_budget_bytes(config))
 
     def describe(self) -> str:
         threads = torch.get_num_threads()

@@ -1,0 +1,77 @@
+"""Requests into and events out of the engine: the contract between the engine and the API layer.
+
+`AsyncEngine.generate(request)` yields one `RequestOutput` per generated token (after stop-string
+handling), the last one with `finished=True`. Closing the iterator (client disconnect, task
+cancel) aborts the request at the next engine step and frees its KV blocks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from textgen.core.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """One token as TGI reports it: id, decoded text, logprob (None when not computed), special."""
+
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One engine event for one request.
+
+    - token: the token sampled this step (None on a final event that carries only an error/abort).
+    - text: the text this event adds to the output (incremental detokenization: may be "" while a
+      multi-byte character is incomplete; trimmed at a stop sequence).
+    - top_tokens: the `top_n_tokens` most likely alternatives at this step.
+    - finish_reason: "length" | "eos_token" | "stop_sequence" | "aborted" | "error" (TGI names).
+    - prompt_tokens: on the first event when `prompt_logprobs` was asked (TGI decoder_input_details);
+      the first prompt token has logprob None.
+    - Timings are in seconds (monotonic): queue = arrival -> first scheduled; inference = first
+      scheduled -> now.
+    """
+
+    request_id: str
+    token: TokenInfo | None
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    top_tokens: list[TokenInfo] = field(default_factory=list)
+    prompt_tokens: list[TokenInfo] | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_cached_tokens: int = 0
+    stop_sequence: str | None = None
+    seed: int | None = None
+    queue_time: float = 0.0
+    inference_time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Snapshot for /metrics and /info."""
+
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # prompt tokens found cached
+    batch_max_tokens: int  # tokens scheduled in the last step
+    num_kv_blocks: int
+    block_size: int

@@ -1,0 +1,67 @@
+"""Incremental detokenization and stop-sequence matching, on a real byte-level BPE tokenizer."""
+from __future__ import annotations
+
+import pytest
+
+from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import make_tokenizer
+
+    path = tmp_path_factory.mktemp("tok")
+    make_tokenizer(path)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.mark.parametrize("text", [
+    "def héllo_world(x):\n    return x ** 2  # ünïcödé ✓ 日本語\n",
+    "    indented\tand tabs  ",
+    "emoji 🐍🐍 and more",
+])
+def test_incremental_text_equals_full_decode(tokenizer, text):
+    prompt = tokenizer.encode("some prompt")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer.for_prompt(tokenizer, prompt)
+    deltas = [detok.add(i)[1] for i in ids]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_special_tokens_are_reported_but_not_in_the_text(tokenizer):
+    detok = IncrementalDetokenizer.for_prompt(tokenizer, tokenizer.encode("x"))
+    ids = tokenizer.encode("ab", add_special_tokens=False)
+    out = [detok.add(i) for i in ids] + [detok.add(tokenizer.eos_token_id)]
+    assert out[-1] == ("</s>", "")
+    assert "".join(d for _, d in out) == "ab"
+
+
+def test_long_generation_keeps_a_short_window(tokenizer):
+    detok = IncrementalDetokenizer.for_prompt(tokenizer, tokenizer.encode("x"))
+    text = "for i in range(10):\n    print(i)\n" * 40
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert "".join(detok.add(i)[1] for i in ids) == text
+    assert len(detok.token_ids) < 80
+
+
+def test_stop_sequence_across_pieces_cuts_after_the_stop():
+    m = StopMatcher(["return x", "zz"])
+    emitted, stop = [], None
+    for piece in ["def f(", "x): ret", "urn x * 2", "more"]:
+        out, stop = m.feed(piece)
+        emitted.append(out)
+        if stop:
+            break
+    assert stop == "return x"
+    assert "".join(emitted) == "def f(x): return x"
+    assert emitted[-1] == "urn x"
+
+
+def test_earliest_ending_stop_wins_and_no_stop_passes_through():
+    m = StopMatcher(["abcd", "bc"])
+    assert m.feed("xabcde") == ("xabc", "bc")
+    assert StopMatcher([]).feed("anything") == ("anything", None)
+    assert StopMatcher(["q"]).feed("abc") == ("abc", None)
