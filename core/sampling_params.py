@@ -29,6 +29,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/TGI: divide positive logits of seen tokens (prompt + output)
     frequency_penalty: float = 0.0  # OpenAI: minus penalty * count of the token in the output
     presence_penalty: float = 0.0  # OpenAI: minus penalty if the token appeared in the output
+    # TGI's `frequency_penalty` (HeterogeneousFrequencyPenaltyLogitsProcessor): minus penalty * count of the
+    # token in prompt + output / (prompt + output length). A different formula from OpenAI's field above.
+    tgi_frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
