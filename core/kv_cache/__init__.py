@@ -1,0 +1,9 @@
+"""Paged KV cache bookkeeping with prefix caching (device agnostic: block ids are plain ints;
+the tensor layout belongs to the backend). See `manager.KVCacheManager`."""
+from textgen.core.kv_cache.block import BlockHash, FreeBlockQueue, KVBlock
+from textgen.core.kv_cache.block_pool import BlockPool
+from textgen.core.kv_cache.hashing import hash_block_tokens
+from textgen.core.kv_cache.manager import KVCacheManager, PrefixCacheStats
+
+__all__ = ["BlockHash", "BlockPool", "FreeBlockQueue", "KVBlock", "KVCacheManager", "PrefixCacheStats",
+           "hash_block_tokens"]
