@@ -18,6 +18,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantize: str | None = None
     trust_remote_code: bool = False
+    load_format: str = "auto"  # auto: safetensors from the model folder; dummy: random weights (benchmarks)
     backend: str | None = None  # forced backend name; None = auto
     attention_backend: str | None = None  # forced attention kernel name
     num_shard: int = 1

@@ -1,0 +1,41 @@
+"""Shared helpers for the benchmark scripts: a ~100M-parameter Llama-shaped model with random
+weights written in Hugging Face format (so textgen and transformers load the same files)."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+# ~100M parameters: 14 layers x 6.3M + a tied 8k x 768 embedding.
+LLAMA_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=14, num_attention_heads=12,
+                  num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def build_random_llama(out: str | os.PathLike, vocab_size: int = 8192, **overrides: object) -> Path:
+    """Write a random-weight Llama (LLAMA_100M unless overridden) and a BPE tokenizer to `out`."""
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.tiny_models import make_tokenizer
+
+    out = Path(out)
+    if (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(out, vocab_size=vocab_size)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                                   **{**LLAMA_100M, **overrides})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")

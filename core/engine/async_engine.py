@@ -1,0 +1,125 @@
+"""AsyncEngine: the EngineCore on a dedicated thread, with an asyncio front for the HTTP layer.
+
+The event loop never runs a forward pass: requests and aborts are queued to the engine thread,
+events come back through `loop.call_soon_threadsafe`. Closing a `generate` iterator before its
+final event (client disconnect, task cancellation) aborts the request; the engine thread applies
+the abort before its next step, which frees the request's KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from textgen.core.config import EngineConfig
+from textgen.core.engine.engine_core import EngineCore
+from textgen.core.engine.types import EngineRequest, EngineStats, RequestOutput
+from textgen.core.sampling_params import SamplingParams
+
+log = logging.getLogger("textgen.engine")
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.config = core.config
+        self.tokenizer = core.tokenizer
+        self.hf_config = core.runner.hf_config
+        self.model_id = core.config.model_id
+        self.model_path = str(core.runner.model_path)
+        self.dtype = str(core.runner.dtype)
+        self.backend_name = core.backend.name
+        self.device = str(core.backend.device)
+        self._commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._healthy = True
+        self._stats = core.stats()
+        self._thread = threading.Thread(target=self._run, name="textgen-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(EngineCore(config))
+
+    # -- API used by the HTTP layer -----------------------------------------------------------
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def sink(event: RequestOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the caller's loop is gone: nobody listens any more
+                self.abort(request.request_id)
+
+        self._commands.put(("add", request, sink))
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.finished
+                yield event
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def is_healthy(self) -> bool:
+        return self._healthy and self._thread.is_alive()
+
+    async def health_check(self) -> None:
+        """A real one-token generation through the whole engine (TGI's /health does the same)."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        prompt = [bos if bos is not None else 0]
+        req = EngineRequest(f"health-{uuid.uuid4().hex}", prompt, SamplingParams(max_new_tokens=1))
+        async for event in self.generate(req):
+            if event.finish_reason == "error":
+                raise RuntimeError(event.error or "health check failed")
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None, None))
+        self._thread.join(timeout=10)
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands(block=not self.core.has_work())
+            try:
+                self.core.step()
+                self._healthy = True
+            except Exception:  # a bug outside per-request isolation: fail what is running, go on
+                log.exception("engine step failed; aborting the running requests")
+                self._healthy = False
+                self.core.abort(list(self.core.states), reason="error")
+            self._stats = self.core.stats()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd: tuple[str, Any, Any]) -> None:
+        kind, arg, sink = cmd
+        if kind == "add":
+            self.core.add_request(arg, sink)
+        elif kind == "abort":
+            self.core.abort([arg])

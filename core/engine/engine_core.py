@@ -1,0 +1,225 @@
+"""EngineCore: scheduler + model runner + per-request state, driven one `step()` at a time.
+
+Not thread-safe: exactly one thread (the AsyncEngine loop, or the caller of `LLM.generate`) calls
+it. Failure isolation: a request that cannot be admitted gets an error event; if a forward pass
+raises, every scheduled request is retried alone, and only the ones that fail alone get an error
+event, so one bad request never takes the others (or the engine) down.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from textgen.core.engine.model_runner import RowSampling, StepResult
+from textgen.core.engine.request_state import EventBuilder, RequestState, Sink, request_generator
+from textgen.core.engine.setup import build_engine_parts
+from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from textgen.core.engine.types import EngineRequest, EngineStats
+from textgen.core.sampling import sampling_param_reasons
+from textgen.core.scheduler import Request
+
+if TYPE_CHECKING:
+    from textgen.core.config import EngineConfig
+    from textgen.core.scheduler import SchedulerOutput
+
+log = logging.getLogger("textgen.engine")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, plugin_manager: Any = None) -> None:
+        parts = build_engine_parts(config, plugin_manager)
+        self.config, self.backend, self.runner = config, parts.backend, parts.runner
+        self.tokenizer, self.scheduler, self.startup_lines = parts.tokenizer, parts.scheduler, parts.startup_lines
+        self.eos_token_ids = parts.eos_token_ids
+        self.events = EventBuilder(self.tokenizer)
+        self.states: dict[str, RequestState] = {}
+        self.pending_grammar: dict[str, RequestState] = {}
+        self._grammar: Any = None
+        self.last_step_tokens = 0
+
+    # -- requests in ----------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest, sink: Sink) -> None:
+        params = request.params
+        gen, seed = request_generator(params.seed, not params.is_greedy, self.backend.device)
+        st = RequestState(request, sink, IncrementalDetokenizer.for_prompt(self.tokenizer, request.prompt_token_ids),
+                          StopMatcher(list(params.stop)), gen, seed)
+        if request.request_id in self.states:
+            st.emit(EventBuilder.final_event(st, "error", f"duplicate request id {request.request_id}"))
+            return
+        problem = self._check_request(request)
+        if problem:
+            st.emit(EventBuilder.final_event(st, "error", problem))
+            return
+        self.states[request.request_id] = st
+        if params.grammar is not None:
+            try:
+                st.grammar_future = self.grammar.compile(params.grammar)
+            except Exception as exc:
+                self._fail(st, f"grammar: {exc}")
+                return
+            self.pending_grammar[request.request_id] = st
+            return
+        self._schedule(st)
+
+    def _check_request(self, request: EngineRequest) -> str | None:
+        ids, vocab = request.prompt_token_ids, self.runner.vocab_size
+        if not ids:
+            return "the prompt is empty"
+        if min(ids) < 0 or max(ids) >= vocab:
+            return f"prompt token ids must be in [0, {vocab})"
+        if len(ids) >= self.config.max_total_tokens:
+            return f"the prompt has {len(ids)} tokens; the maximum is {self.config.max_total_tokens - 1}"
+        reasons = sampling_param_reasons(request.params, vocab)
+        return "; ".join(reasons) if reasons else None
+
+    def _schedule(self, st: RequestState) -> None:
+        r = st.request
+        salt = r.request_id if r.params.prompt_logprobs else None  # every prompt position needs logits
+        self.scheduler.add_request(Request(
+            request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids), sampling_params=r.params,
+            eos_token_ids=self.eos_token_ids, arrival_time=r.arrival_time, priority=r.priority, cache_salt=salt,
+        ))
+
+    def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
+        for rid in request_ids:
+            st = self.states.pop(rid, None)
+            self.pending_grammar.pop(rid, None)
+            if st is None:
+                continue
+            self.scheduler.finish_requests([rid], reason)
+            if not st.finished:
+                st.emit(EventBuilder.final_event(st, reason))
+
+    def _fail(self, st: RequestState, message: str) -> None:
+        log.warning("request %s failed: %s", st.request_id, message)
+        self.states.pop(st.request_id, None)
+        self.pending_grammar.pop(st.request_id, None)
+        self.scheduler.finish_requests([st.request_id], "error")
+        st.emit(EventBuilder.final_event(st, "error", message))
+
+    @property
+    def grammar(self) -> Any:
+        if self._grammar is None:
+            from textgen.core.grammar import GrammarManager
+
+            self._grammar = GrammarManager(self.tokenizer, self.runner.vocab_size, eos_token_ids=self.eos_token_ids)
+        return self._grammar
+
+    # -- one step -------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.pending_grammar) or self.scheduler.has_unfinished()
+
+    def step(self) -> bool:
+        """Run one engine step; return False when there was nothing to run."""
+        self._admit_compiled_grammars()
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return False
+        self.last_step_tokens = out.num_scheduled_tokens
+        now = time.monotonic()
+        for s in out.scheduled:
+            st = self.states.get(s.request.request_id)
+            if st is not None and st.first_scheduled is None:
+                st.first_scheduled = now
+        out, result = self._execute_isolated(out)
+        if out.scheduled:
+            self._process(out, result)
+        return True
+
+    def _admit_compiled_grammars(self) -> None:
+        for rid, st in list(self.pending_grammar.items()):
+            if not st.grammar_future.done():
+                continue
+            del self.pending_grammar[rid]
+            try:
+                st.grammar_state = self.grammar.new_state(st.grammar_future.result())
+            except Exception as exc:
+                self._fail(st, f"grammar: {exc}")
+                continue
+            self._schedule(st)
+
+    def _execute_isolated(self, out: SchedulerOutput) -> tuple[SchedulerOutput, StepResult]:
+        try:
+            return out, self._execute(out)
+        except Exception as exc:
+            if len(out.scheduled) == 1:
+                self._fail_scheduled(out.scheduled[0], exc)
+                return replace(out, scheduled=[]), StepResult({}, {})
+        kept, merged = [], StepResult({}, {})
+        for s in out.scheduled:  # retry each alone: only the culprits fail
+            one = replace(out, scheduled=[s], num_scheduled_tokens=s.num_new_tokens)
+            try:
+                res = self._execute(one)
+            except Exception as exc:
+                self._fail_scheduled(s, exc)
+                continue
+            kept.append(s)
+            merged.sampled.update(res.sampled)
+            merged.prompt_logprobs.update(res.prompt_logprobs)
+        return replace(out, scheduled=kept, num_scheduled_tokens=sum(s.num_new_tokens for s in kept)), merged
+
+    def _fail_scheduled(self, s: Any, exc: Exception) -> None:
+        log.exception("forward failed for request %s", s.request.request_id, exc_info=exc)
+        st = self.states.get(s.request.request_id)
+        if st is not None:
+            self._fail(st, f"{type(exc).__name__}: {exc}")
+
+    def _execute(self, out: SchedulerOutput) -> StepResult:
+        rows, grammar_states = {}, []
+        for s in out.scheduled:
+            st = self.states[s.request.request_id]
+            rows[st.request_id] = RowSampling(st.request.params, st.generator)
+            if s.sample:
+                grammar_states.append(st.grammar_state)
+        mask = self.grammar.fill_bitmask(grammar_states, device=self.backend.device) if any(g is not None for g in grammar_states) else None
+        wanted = {rid for rid in rows if self.states[rid].request.params.prompt_logprobs}
+        return self.runner.execute(out, rows, wanted, mask)
+
+    def _process(self, out: SchedulerOutput, result: StepResult) -> None:
+        for rid, lps in result.prompt_logprobs.items():
+            self.states[rid].prompt_logprobs.extend(lps)
+        sampled = {rid: tok.token_id for rid, tok in result.sampled.items()}
+        for rid, tok in result.sampled.items():
+            st = self.states[rid]
+            if st.grammar_state is not None and not self.grammar.advance(st.grammar_state, tok.token_id):
+                sampled.pop(rid)
+                self._fail(st, "the sampled token was rejected by the grammar")
+        kept = [s for s in out.scheduled if s.request.request_id in self.states]
+        updates = self.scheduler.update(replace(out, scheduled=kept), sampled)
+        for u in updates:
+            self._emit_update(u, result)
+
+    def _emit_update(self, update: Any, result: StepResult) -> None:
+        st = self.states.get(update.request_id)
+        if st is None:
+            return
+        req = self.scheduler.get_request(update.request_id)
+        cached = req.num_cached_tokens if req is not None else 0
+        for token_id in update.new_token_ids:
+            event, stop = self.events.token_event(st, result.sampled[update.request_id], cached)
+            reason = update.finish_reason if update.finished else None
+            if stop is not None:
+                reason = "stop_sequence"
+            elif reason is None and st.grammar_state is not None and st.grammar_state.is_terminated:
+                reason = "eos_token"  # a finished grammar ends on EOS even with ignore_eos
+            if reason is not None:
+                event.finished, event.finish_reason = True, reason
+                self.states.pop(update.request_id, None)
+                if not update.finished:
+                    self.scheduler.finish_requests([update.request_id], reason)
+            st.emit(event)
+
+    # -- introspection --------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        return EngineStats(
+            num_waiting=s.num_waiting + len(self.pending_grammar), num_running=s.num_running,
+            kv_cache_usage=s.kv_cache_usage, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, batch_max_tokens=self.last_step_tokens,
+            num_kv_blocks=self.scheduler.config.num_blocks, block_size=self.config.block_size,
+        )

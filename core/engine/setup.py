@@ -1,0 +1,88 @@
+"""Builds the engine's parts in order: backend, config hooks, model runner, tokenizer, KV cache,
+derived budgets, scheduler."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from textgen.core.config import EngineConfig
+from textgen.core.engine.sizing import ConfigError, derive_budgets, model_max_length, plan_kv_cache
+from textgen.core.registry import load_class
+
+log = logging.getLogger("textgen.engine")
+
+
+@dataclass(slots=True)
+class EngineParts:
+    backend: Any
+    runner: Any
+    tokenizer: Any
+    scheduler: Any
+    eos_token_ids: frozenset[int]
+    startup_lines: list[str]
+
+
+def _flatten(results: list[Any]) -> list[Any]:
+    return [item for group in results if group for item in group]
+
+
+def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> EngineParts:
+    from textgen.core.plugins import PluginManager
+
+    pm = plugin_manager or PluginManager()
+    backend = pm.create_backend(config, forced=config.backend)
+    reasons = _flatten(pm.hook.textgen_configure(config=config, backend=backend))
+    if reasons:
+        raise ConfigError(f"backend '{backend.name}' cannot run this configuration: " + "; ".join(reasons))
+    attention_infos = _flatten(pm.hook.textgen_attention_backends(backend=backend))
+    architectures: dict[str, str] = {}
+    for extra in pm.hook.textgen_model_architectures():
+        architectures.update(extra or {})
+    runner = load_class(backend.model_runner_class())(config, backend, attention_infos, architectures)
+    tokenizer = load_tokenizer(config, runner.model_path)
+    plan = plan_kv_cache(config, backend, runner.attention_specs())
+    runner.allocate_kv_cache(plan.num_blocks)
+    lines = [f"backend {backend.describe()}; attention {runner.attention_cls.name}; dtype {runner.dtype}"]
+    lines += derive_budgets(config, plan, model_max_length(runner.hf_config, tokenizer))
+    scheduler = _build_scheduler(config, plan.num_blocks)
+    return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(runner.hf_config, tokenizer, runner.model_path), lines)
+
+
+def load_tokenizer(config: EngineConfig, model_path: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    source = config.tokenizer_id or str(model_path)
+    return AutoTokenizer.from_pretrained(source, revision=config.revision if not config.tokenizer_id else None,
+                                         trust_remote_code=config.trust_remote_code)
+
+
+def eos_ids(hf_config: Any, tokenizer: Any, model_path: Any) -> frozenset[int]:
+    """EOS ids from generation_config.json (may be a list, as in Llama 3), the config and the tokenizer."""
+    ids: set[int] = set()
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(str(model_path))
+        ids |= _as_set(gen.eos_token_id)
+    except (OSError, ValueError):
+        pass
+    ids |= _as_set(getattr(hf_config, "eos_token_id", None))
+    ids |= _as_set(getattr(tokenizer, "eos_token_id", None))
+    return frozenset(ids)
+
+
+def _as_set(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+
+
+def _build_scheduler(config: EngineConfig, num_blocks: int) -> Any:
+    from textgen.core.scheduler import Scheduler, SchedulerConfig
+
+    return Scheduler(SchedulerConfig(
+        max_batch_prefill_tokens=config.max_batch_prefill_tokens, max_batch_size=config.max_batch_size,
+        max_model_len=config.max_total_tokens, block_size=config.block_size, num_blocks=num_blocks,
+        enable_prefix_caching=config.enable_prefix_caching,
+    ))
