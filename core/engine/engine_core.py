@@ -78,10 +78,13 @@ class EngineCore:
     def _schedule(self, st: RequestState) -> None:
         r = st.request
         salt = r.request_id if r.params.prompt_logprobs else None  # every prompt position needs logits
-        self.scheduler.add_request(Request(
-            request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids), sampling_params=r.params,
-            eos_token_ids=self.eos_token_ids, arrival_time=r.arrival_time, priority=r.priority, cache_salt=salt,
-        ))
+        try:
+            self.scheduler.add_request(Request(
+                request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids), sampling_params=r.params,
+                eos_token_ids=self.eos_token_ids, arrival_time=r.arrival_time, priority=r.priority, cache_salt=salt,
+            ))
+        except ValueError as exc:  # e.g. a request that could never fit in the KV cache
+            self._fail(st, str(exc))
 
     def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
         for rid in request_ids:
