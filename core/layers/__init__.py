@@ -1,0 +1,1 @@
+"""Shared model layers: linear (weight loaders, quantizer hook), norms, rotary, attention."""

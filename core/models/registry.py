@@ -1,0 +1,27 @@
+"""Hugging Face architecture name -> native model class (lazy "module:Class" paths)."""
+from __future__ import annotations
+
+from typing import Any
+
+from textgen.core.registry import load_class
+
+_LLAMA = "textgen.core.models.llama:LlamaForCausalLM"
+
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+}
+
+
+def resolve_model_class(hf_config: Any, extra: dict[str, str] | None = None) -> type:
+    """The class for the first of `hf_config.architectures` that is known; plugin entries in
+    `extra` override the built-in ones. Raises ValueError naming what is unsupported."""
+    known = {**ARCHITECTURES, **(extra or {})}
+    requested = list(getattr(hf_config, "architectures", None) or [])
+    for arch in requested:
+        if arch in known:
+            return load_class(known[arch])
+    shown = ", ".join(requested) if requested else "none listed in config.json"
+    raise ValueError(f"model architecture not supported: {shown}. Supported architectures: "
+                     f"{', '.join(sorted(known))}")

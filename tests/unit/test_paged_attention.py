@@ -1,0 +1,137 @@
+"""TorchPagedAttention against a naive per-request reference on random tensors (float32)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from textgen.backends.cpu.attention import CPUPagedAttention
+from textgen.core.attention import AttentionSpec
+from textgen.core.forward_context import AttentionMetadata
+from textgen.core.layers.paged_attention import TorchPagedAttention
+
+HEADS, KV_HEADS, HEAD_SIZE, BLOCK, NUM_BLOCKS = 4, 2, 8, 4, 64
+
+
+def _spec(window: int | None = None, soft_cap: float | None = None, kv_heads: int = KV_HEADS) -> AttentionSpec:
+    return AttentionSpec(HEADS, kv_heads, HEAD_SIZE, torch.float32, BLOCK, HEAD_SIZE ** -0.5, window, soft_cap)
+
+
+class _Requests:
+    """Random full contexts per request plus a shuffled block allocation; `cached[i]` tokens of
+    request i are already in the cache, `query[i]` are computed in this step."""
+
+    def __init__(self, cached: list[int], query: list[int], kv_heads: int = KV_HEADS, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.cached, self.query = cached, query
+        self.seq = [c + q for c, q in zip(cached, query)]
+        self.k = [torch.randn(n, kv_heads, HEAD_SIZE, generator=gen) for n in self.seq]
+        self.v = [torch.randn(n, kv_heads, HEAD_SIZE, generator=gen) for n in self.seq]
+        self.q = [torch.randn(n, HEADS, HEAD_SIZE, generator=gen) for n in query]
+        free = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
+        self.blocks = [[free.pop() for _ in range(math.ceil(n / BLOCK))] for n in self.seq]
+        self.cache = torch.zeros(TorchPagedAttention.kv_cache_shape(NUM_BLOCKS, BLOCK, kv_heads, HEAD_SIZE))
+        for i, c in enumerate(cached):  # the prefix a previous step wrote
+            slots = self._slots(i, 0, c)
+            self.cache[0].view(-1, kv_heads, HEAD_SIZE)[slots] = self.k[i][:c]
+            self.cache[1].view(-1, kv_heads, HEAD_SIZE)[slots] = self.v[i][:c]
+
+    def _slots(self, i: int, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        return torch.tensor(self.blocks[i])[pos // BLOCK] * BLOCK + pos % BLOCK
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+        n = len(self.seq)
+        width = max(len(b) for b in self.blocks) + 1  # trailing zero padding, as the runner pads
+        tables = torch.zeros(n, width, dtype=torch.int32)
+        for i, b in enumerate(self.blocks):
+            tables[i, : len(b)] = torch.tensor(b)
+        qsl = torch.zeros(n + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(torch.tensor(self.query), 0)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat([self._slots(i, self.cached[i], self.seq[i]) for i in range(n)]),
+            query_start_loc=qsl, seq_lens=torch.tensor(self.seq, dtype=torch.int32), block_tables=tables,
+            query_lens=list(self.query), context_lens=list(self.seq), block_size=BLOCK,
+        )
+        new_k = torch.cat([k[c:] for k, c in zip(self.k, self.cached)])
+        new_v = torch.cat([v[c:] for v, c in zip(self.v, self.cached)])
+        return torch.cat(self.q), new_k, new_v, meta
+
+    def reference(self, spec: AttentionSpec) -> torch.Tensor:
+        """Per request, per query token: softmax over the allowed context positions."""
+        rows = []
+        groups = HEADS // spec.num_kv_heads
+        for i in range(len(self.seq)):
+            k = self.k[i].repeat_interleave(groups, dim=1)
+            v = self.v[i].repeat_interleave(groups, dim=1)
+            for j in range(self.query[i]):
+                p = self.cached[i] + j
+                lo = 0 if spec.sliding_window is None else max(0, p - spec.sliding_window + 1)
+                scores = torch.einsum("hd,shd->hs", self.q[i][j], k[lo : p + 1]) * spec.scale
+                if spec.logits_soft_cap is not None:
+                    scores = torch.tanh(scores / spec.logits_soft_cap) * spec.logits_soft_cap
+                rows.append(torch.einsum("hs,shd->hd", scores.softmax(-1), v[lo : p + 1]).reshape(-1))
+        return torch.stack(rows)
+
+
+MIXED = dict(cached=[9, 0, 12, 5], query=[7, 11, 1, 1])  # chunk after a prefix, prefill, 2 decodes
+
+
+@pytest.mark.parametrize("spec", [_spec(), _spec(window=5), _spec(kv_heads=1), _spec(soft_cap=3.0),
+                                  _spec(window=3, soft_cap=2.0, kv_heads=4)],
+                         ids=["gqa", "sliding5", "mqa", "softcap", "mha-window-softcap"])
+def test_mixed_batch_matches_reference(spec: AttentionSpec) -> None:
+    reqs = _Requests(**MIXED, kv_heads=spec.num_kv_heads)
+    q, k, v, meta = reqs.step()
+    out = CPUPagedAttention(spec).forward(q, k, v, reqs.cache, meta)
+    assert out.shape == (sum(MIXED["query"]), HEADS * HEAD_SIZE)
+    torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
+
+
+def test_new_kv_is_written_at_slot_mapping() -> None:
+    reqs = _Requests(**MIXED)
+    q, k, v, meta = reqs.step()
+    TorchPagedAttention(_spec()).forward(q, k, v, reqs.cache, meta)
+    flat = reqs.cache.view(2, -1, KV_HEADS, HEAD_SIZE)
+    torch.testing.assert_close(flat[0][meta.slot_mapping], k, atol=0, rtol=0)
+    torch.testing.assert_close(flat[1][meta.slot_mapping], v, atol=0, rtol=0)
+    for i, (c, n) in enumerate(zip(reqs.cached, reqs.seq)):  # the whole context is now cached
+        torch.testing.assert_close(flat[0][reqs._slots(i, 0, n)], reqs.k[i], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", [dict(cached=[0], query=[13]), dict(cached=[0, 0], query=[6, 10]),
+                                  dict(cached=[3, 30, 17], query=[1, 1, 1]), dict(cached=[8], query=[5])],
+                         ids=["single-prefill", "two-prefills", "all-decode", "single-chunk"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_homogeneous_batches(case: dict, window: int | None) -> None:
+    reqs = _Requests(**case, seed=1)
+    q, k, v, meta = reqs.step()
+    spec = _spec(window=window)
+    out = TorchPagedAttention(spec).forward(q, k, v, reqs.cache, meta)
+    torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
+
+
+def test_token_result_is_independent_of_batch_company() -> None:
+    """A request's output rows are identical whether it runs alone or in the mixed batch."""
+    mixed = _Requests(**MIXED, seed=2)
+    q, k, v, meta = mixed.step()
+    together = TorchPagedAttention(_spec(window=6)).forward(q, k, v, mixed.cache, meta)
+    start = 0
+    for i in range(len(MIXED["query"])):
+        alone = _Requests(cached=[mixed.cached[i]], query=[mixed.query[i]], seed=2)
+        alone.k, alone.v, alone.q = [mixed.k[i]], [mixed.v[i]], [mixed.q[i]]
+        alone.blocks = [mixed.blocks[i]]
+        alone.cache = mixed.cache.clone()
+        q1, k1, v1, meta1 = alone.step()
+        out = TorchPagedAttention(_spec(window=6)).forward(q1, k1, v1, alone.cache, meta1)
+        n = mixed.query[i]
+        torch.testing.assert_close(together[start : start + n], out, atol=1e-6, rtol=1e-6)
+        start += n
+
+
+def test_check_reports_reasons() -> None:
+    bad = AttentionSpec(6, 4, HEAD_SIZE, torch.float32, BLOCK, 1.0)
+    assert TorchPagedAttention.check(bad) == ["num_heads 6 is not a multiple of num_kv_heads 4"]
+    assert TorchPagedAttention.check(_spec()) == []
+    assert CPUPagedAttention.name == "cpu_paged" and TorchPagedAttention.name == "torch_paged"
