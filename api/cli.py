@@ -9,9 +9,10 @@ from collections.abc import Callable, Sequence
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
-    from textgen.core.plugins import PluginManager
+    from textgen.core.plugins import BackendSelectionError, PluginManager
 
     manager = PluginManager()
+    cands = manager.candidates()
     rows = [
         {
             "name": c.name,
@@ -20,15 +21,21 @@ def _cmd_backends(args: argparse.Namespace) -> int:
             "detail": c.reason,
             "distribution": c.distribution,
         }
-        for c in manager.candidates()
+        for c in cands
     ]
     errors = [{"plugin": e.name, "distribution": e.distribution, "error": e.error} for e in manager.load_errors]
+    try:
+        selected, selection_error = manager.choose(cands).name, None
+    except BackendSelectionError as exc:
+        selected, selection_error = None, str(exc)
     if args.json:
-        print(json.dumps({"backends": rows, "load_errors": errors}, indent=2))
+        report = {"backends": rows, "load_errors": errors, "selected": selected, "selection_error": selection_error}
+        print(json.dumps(report, indent=2))
         return 0
     print(_table(rows))
     for e in errors:
         print(f"plugin '{e['plugin']}' ({e['distribution']}) failed to load: {e['error']}")
+    print(f"selected: {selected}" if selected else f"selected: none ({selection_error})")
     return 0
 
 

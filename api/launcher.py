@@ -1,0 +1,180 @@
+"""`textgen serve` (alias `text-generation-launcher`): flags -> checks -> engine -> HTTP (+ gRPC).
+
+A bad flag or combination prints one line, `textgen serve: error: <what to change>`, and exits
+with status 2 before anything heavy is loaded; budget problems found while sizing the KV cache
+exit the same way. The token budgets the engine derived are printed before the server starts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from textgen.api.launcher_flags import FLAGS, FlagError, add_flags, resolve
+
+log = logging.getLogger("textgen.launcher")
+SUPPORTED_QUANTIZE: tuple[str, ...] = ()  # grows as quantizers land; None (no quantization) always works
+EXIT_USAGE = 2
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser)
+    try:  # backend plugins may add their own flags (textgen_add_cli_options); they land in config.extra
+        from textgen.core.plugins import PluginManager
+
+        PluginManager().hook.textgen_add_cli_options(parser=parser)
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must not break `textgen serve --help`
+        log.debug("backend CLI options unavailable: %s", exc)
+
+
+def check_options(o: Mapping[str, Any]) -> list[str]:
+    """Reasons the options cannot run, TGI's launcher messages where TGI has one; empty when fine."""
+    reasons = []
+    if o["model_id"] is None:
+        reasons.append("--model-id (or MODEL_ID) is required: no bundled demo model in this build")
+    if o["quantize"] is not None and o["quantize"] not in SUPPORTED_QUANTIZE:
+        supported = ", ".join(SUPPORTED_QUANTIZE) or "none"
+        reasons.append(f"quantize '{o['quantize']}' is not supported yet by textgen (supported: {supported})")
+    num_shard = o["num_shard"]
+    if num_shard is not None and num_shard < 1:
+        reasons.append("`num_shard` cannot be < 1")
+    elif num_shard is not None and num_shard > 1:
+        reasons.append(f"num-shard {num_shard} is not supported yet by textgen (supported: 1)")
+    if o["sharded"] and (num_shard or 1) <= 1:
+        reasons.append("`sharded` is true but `num_shard` <= 1")
+    reasons += _budget_reasons(o)
+    for name in ("validation_workers", "max_concurrent_requests", "max_client_batch_size", "payload_limit",
+                 "block_size"):
+        if o[name] is not None and o[name] <= 0:
+            reasons.append(f"`{name}` must be > 0")
+    for name in ("port", "grpc_port", "prometheus_port"):
+        if o[name] is not None and not 0 < o[name] < 65536:
+            reasons.append(f"`{name}` must be between 1 and 65535. Given: {o[name]}")
+    if o["grpc_port"] is not None and o["grpc_port"] == o["port"]:
+        reasons.append(f"`grpc_port` and `port` must differ. Given: {o['port']} for both")
+    return reasons
+
+
+def _budget_reasons(o: Mapping[str, Any]) -> list[str]:
+    i, legacy, t, b = o["max_input_tokens"], o["max_input_length"], o["max_total_tokens"], o["max_batch_total_tokens"]
+    reasons = []
+    if i is not None and legacy is not None:
+        reasons.append(f"Both `max_input_tokens` ({i}) and `max_input_length` ({legacy}) are set. "
+                       "Please define only `max_input_tokens` as `max_input_length is deprecated for naming consistency.")
+    i = i if i is not None else legacy
+    if i is not None and t is not None and i >= t:
+        reasons.append(f"`max_input_tokens`({i}) must be < `max_total_tokens`({t})")
+    if t is not None and b is not None and t > b:
+        reasons.append(f"`max_total_tokens` must be <= `max_batch_total_tokens`. Given: {t} and {b}")
+    if o["max_batch_size"] is not None and o["max_batch_size"] <= 0:
+        reasons.append("`max_batch_size` must be > 0")
+    return reasons
+
+
+_OWN_DESTS = {f.dest for f in FLAGS} | {"command", "func"}
+
+
+def engine_config(o: Mapping[str, Any], args: argparse.Namespace) -> Any:
+    from textgen.core.config import EngineConfig
+
+    extra = {k: v for k, v in vars(args).items() if k not in _OWN_DESTS}
+    return EngineConfig(
+        model_id=o["model_id"], revision=o["revision"], dtype=o["dtype"] or "auto", quantize=o["quantize"],
+        trust_remote_code=o["trust_remote_code"], backend=o["backend"], num_shard=o["num_shard"] or 1,
+        block_size=o["block_size"], enable_prefix_caching=o["prefix_caching"], num_kv_blocks=o["num_kv_blocks"],
+        max_concurrent_requests=o["max_concurrent_requests"], max_best_of=o["max_best_of"],
+        max_stop_sequences=o["max_stop_sequences"], max_top_n_tokens=o["max_top_n_tokens"],
+        max_input_tokens=o["max_input_tokens"] if o["max_input_tokens"] is not None else o["max_input_length"],
+        max_total_tokens=o["max_total_tokens"], max_batch_prefill_tokens=o["max_batch_prefill_tokens"],
+        max_batch_total_tokens=o["max_batch_total_tokens"], max_batch_size=o["max_batch_size"],
+        waiting_served_ratio=o["waiting_served_ratio"], extra=extra,
+    )
+
+
+def server_settings(o: Mapping[str, Any], engine: Any) -> Any:
+    from textgen.api.state import ServerSettings
+
+    compute_type = os.environ.get("COMPUTE_TYPE") or f"{o['num_shard'] or 1}-{engine.device}"
+    return ServerSettings(
+        max_client_batch_size=o["max_client_batch_size"], validation_workers=o["validation_workers"],
+        api_key=o["api_key"], cors_allow_origin=list(o["cors_allow_origin"]), payload_limit=o["payload_limit"],
+        compute_type=compute_type, disable_grammar_support=o["disable_grammar_support"], grpc_port=o["grpc_port"],
+        hostname=o["hostname"],
+    )
+
+
+def listen_address(hostname: str) -> str:
+    """TGI falls back to 0.0.0.0 when the hostname does not resolve."""
+    try:
+        socket.getaddrinfo(hostname, None)
+    except (socket.gaierror, UnicodeError):
+        log.warning("invalid hostname %r, listening on 0.0.0.0", hostname)
+        return "0.0.0.0"
+    return hostname
+
+
+def budget_lines(engine: Any) -> list[str]:
+    """The engine's own start-up report (backend, KV cache, budgets), or the budgets alone."""
+    lines = list(getattr(getattr(engine, "core", None), "startup_lines", []) or [])
+    c = engine.config
+    return lines or [f"max_input_tokens={c.max_input_tokens} max_total_tokens={c.max_total_tokens} "
+                     f"max_batch_prefill_tokens={c.max_batch_prefill_tokens} "
+                     f"max_batch_total_tokens={c.max_batch_total_tokens} max_batch_size={c.max_batch_size}"]
+
+
+def _fail(message: str) -> int:
+    print(f"textgen serve: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    try:
+        options = resolve(args, os.environ if environ is None else environ)
+    except FlagError as exc:
+        return _fail(str(exc))
+    reasons = check_options(options)
+    if reasons:
+        return _fail(reasons[0])
+    from textgen.api.observability import configure_logging, configure_tracing, start_metrics_listener
+
+    configure_logging(options["json_output"], options["log_level"])
+    configure_tracing(options["otlp_endpoint"], options["otlp_service_name"])
+    engine = _start_engine(options, args)
+    if isinstance(engine, int):
+        return engine
+    try:
+        for line in budget_lines(engine):
+            print(line, flush=True)
+        return _run_http(options, engine, start_metrics_listener)
+    finally:
+        engine.shutdown()
+
+
+def _start_engine(options: Mapping[str, Any], args: argparse.Namespace) -> Any:
+    from textgen.core.engine.async_engine import AsyncEngine
+    from textgen.core.engine.sizing import ConfigError
+    from textgen.core.plugins import BackendSelectionError
+
+    try:
+        return AsyncEngine.from_config(engine_config(options, args))
+    except (ConfigError, BackendSelectionError) as exc:
+        return _fail(str(exc))
+
+
+def _run_http(options: Mapping[str, Any], engine: Any, start_metrics_listener: Any) -> int:
+    import uvicorn
+
+    from textgen.api.server import create_app
+
+    settings = server_settings(options, engine)
+    app = create_app(engine, settings)
+    host = listen_address(options["hostname"])
+    if options["prometheus_port"] is not None:
+        start_metrics_listener(app.state.textgen.metrics, host, options["prometheus_port"])
+    uvicorn.run(app, host=host, port=options["port"], log_level=options["log_level"].lower(),
+                log_config=None, timeout_graceful_shutdown=30)
+    return 0

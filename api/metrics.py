@@ -1,0 +1,138 @@
+"""Prometheus metrics with TGI's names (reference §4.1), plus textgen's KV-cache gauges.
+
+TGI's exporter writes counters without the `_total` suffix (`tgi_request_count 3`), which
+prometheus-client cannot produce, so counters are kept and rendered here; histograms and gauges
+use prometheus-client directly. Engine gauges are read from `engine.stats()` at scrape time.
+Each app gets its own registry, so several servers can live in one process (tests).
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+DURATION_BUCKETS = tuple(0.0001 * 1.5**k for k in range(1, 36))
+FAILURE_LABELS = ("validation", "overloaded", "incomplete", "generation", "dropped", "template")
+
+
+def _linear_buckets(maximum: int) -> tuple[float, ...]:
+    return tuple(maximum / 100 * i for i in range(1, 101))
+
+
+class _Counters:
+    """Counters rendered as TGI's exporter does: `name value` / `name{label="x"} value`, no `_total`
+    suffix and no `_created` series (prometheus-client cannot write those names)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._docs: dict[str, str] = {}
+
+    def declare(self, name: str, doc: str, label_sets: tuple[dict[str, str], ...] = ({},)) -> None:
+        self._docs[name] = doc
+        for labels in label_sets:
+            self._values.setdefault((name, tuple(sorted(labels.items()))), 0.0)
+
+    def inc(self, name: str, labels: dict[str, str] | None = None, amount: float = 1.0) -> None:
+        key = (name, tuple(sorted((labels or {}).items())))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self._values.get((name, tuple(sorted((labels or {}).items()))), 0.0)
+
+    def render(self) -> str:
+        with self._lock:
+            items = sorted(self._values.items())
+        lines = []
+        for name, doc in self._docs.items():
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} counter"]
+            for (n, labels), v in items:
+                if n == name:
+                    label_text = ",".join(f'{k}="{val}"' for k, val in labels)
+                    lines.append(f"{name}{{{label_text}}} {v}" if label_text else f"{name} {v}")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimings:
+    """One finished request, in seconds and tokens."""
+
+    total: float
+    validation: float
+    queue: float
+    inference: float
+    input_length: int
+    generated_tokens: int
+    max_new_tokens: int
+
+
+class _EngineGauges:
+    def __init__(self, stats: Callable[[], object], max_batch_total_tokens: int) -> None:
+        self._stats = stats
+        self._max_batch_total_tokens = max_batch_total_tokens
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        hit_rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+        for name, doc, value in (
+            ("tgi_queue_size", "Requests waiting to be scheduled", s.num_waiting),
+            ("tgi_batch_current_size", "Requests in the running batch", s.num_running),
+            ("tgi_batch_current_max_tokens", "Tokens scheduled in the last engine step", s.batch_max_tokens),
+            ("tgi_batch_max_total_tokens", "KV cache capacity in tokens", self._max_batch_total_tokens),
+            ("textgen_kv_cache_usage", "Fraction of KV cache blocks in use", s.kv_cache_usage),
+            ("textgen_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up", hit_rate),
+            ("textgen_kv_cache_blocks", "KV cache blocks", s.num_kv_blocks),
+        ):
+            yield GaugeMetricFamily(name, doc, value=float(value))
+
+
+class Metrics:
+    def __init__(self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int,
+                 stats: Callable[[], object]) -> None:
+        prometheus_client.disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.counters = _Counters()
+        self.counters.declare("tgi_request_count", "Requests received")
+        self.counters.declare("tgi_request_success", "Requests that succeeded")
+        self.counters.declare("tgi_request_failure", "Requests that failed, by cause",
+                              tuple({"err": e} for e in FAILURE_LABELS))
+        self.registry.register(_EngineGauges(stats, max_batch_total_tokens))
+        hist = lambda name, doc, buckets: Histogram(name, doc, buckets=buckets, registry=self.registry)  # noqa: E731
+        self.duration = hist("tgi_request_duration", "End-to-end request duration (s)", DURATION_BUCKETS)
+        self.validation = hist("tgi_request_validation_duration", "Validation duration (s)", DURATION_BUCKETS)
+        self.queue = hist("tgi_request_queue_duration", "Queue duration (s)", DURATION_BUCKETS)
+        self.inference = hist("tgi_request_inference_duration", "Inference duration (s)", DURATION_BUCKETS)
+        self.per_token = hist("tgi_request_mean_time_per_token_duration", "Mean time per token (s)", DURATION_BUCKETS)
+        self.input_length = hist("tgi_request_input_length", "Input tokens", _linear_buckets(max_input_tokens))
+        self.generated = hist("tgi_request_generated_tokens", "Generated tokens", _linear_buckets(max_total_tokens))
+        self.max_new_tokens = hist("tgi_request_max_new_tokens", "Requested max_new_tokens",
+                                   _linear_buckets(max_total_tokens))
+
+    def request(self) -> None:
+        self.counters.inc("tgi_request_count")
+
+    def failure(self, label: str | None) -> None:
+        if label:
+            self.counters.inc("tgi_request_failure", {"err": label})
+
+    def success(self, t: RequestTimings) -> None:
+        self.counters.inc("tgi_request_success")
+        self.duration.observe(t.total)
+        self.validation.observe(t.validation)
+        self.queue.observe(t.queue)
+        self.inference.observe(t.inference)
+        self.per_token.observe(t.inference / max(1, t.generated_tokens))
+        self.generated.observe(t.generated_tokens)
+
+    def validated(self, input_length: int, max_new_tokens: int) -> None:
+        """Recorded at validation, as TGI does, whatever the outcome of the generation."""
+        self.input_length.observe(input_length)
+        self.max_new_tokens.observe(max_new_tokens)
+
+    def render(self) -> bytes:
+        return self.counters.render().encode() + prometheus_client.generate_latest(self.registry)

@@ -1,0 +1,97 @@
+"""Server settings and the per-app state every route reads (`request.app.state.textgen`)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from textgen.api.errors import ApiError, ClientDisconnected
+from textgen.api.generation import GenerationService
+from textgen.api.metrics import Metrics
+from textgen.api.validation import Limits, Validator
+
+
+def textgen_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("textgen")
+    except Exception:  # noqa: BLE001 - running from a source tree without metadata
+        return "0.0.0"
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """HTTP-side settings; the request limits (max_best_of, max_input_tokens...) live in the
+    engine's EngineConfig so there is one source for each."""
+
+    max_client_batch_size: int = 4
+    validation_workers: int = 2
+    api_key: str | None = None
+    cors_allow_origin: list[str] = field(default_factory=list)
+    payload_limit: int = 2_000_000
+    compute_type: str = field(default_factory=lambda: os.environ.get("COMPUTE_TYPE", "gpu+optimized"))
+    docker_label: str | None = field(default_factory=lambda: os.environ.get("DOCKER_LABEL"))
+    model_pipeline_tag: str | None = None
+    model_sha: str | None = None
+    disable_grammar_support: bool = False
+    grpc_port: int | None = None
+    hostname: str = "0.0.0.0"
+    keep_alive_s: float = 15.0
+    health_timeout_s: float = 60.0
+
+    @property
+    def compat_return_full_text(self) -> bool:
+        """`POST /` with return_full_text unset: true for text-generation models or an unknown tag."""
+        return self.model_pipeline_tag in (None, "text-generation")
+
+
+@dataclass(slots=True)
+class AppState:
+    engine: Any
+    settings: ServerSettings
+    limits: Limits
+    validator: Validator
+    service: GenerationService
+    metrics: Metrics
+    version: str = field(default_factory=textgen_version)
+
+    @classmethod
+    def build(cls, engine: Any, settings: ServerSettings) -> AppState:
+        config = engine.config
+        limits = Limits.from_config(config, grammar_enabled=not settings.disable_grammar_support)
+        metrics = Metrics(config.max_input_tokens, config.max_total_tokens,
+                          config.max_batch_total_tokens or config.max_total_tokens, engine.stats)
+        return cls(engine, settings, limits, Validator(engine.tokenizer, limits, settings.validation_workers),
+                   GenerationService(engine, config.max_concurrent_requests), metrics)
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
+
+    @property
+    def system_fingerprint(self) -> str:
+        return f"{self.version}-{self.settings.docker_label or 'native'}"
+
+    @contextlib.contextmanager
+    def tracked(self, count: bool = True) -> Iterator[None]:
+        """Count one request (unless already counted) and, if it fails, its failure (TGI's `err` labels)."""
+        if count:
+            self.metrics.request()
+        try:
+            yield
+        except ApiError as exc:
+            self.metrics.failure(exc.metric_label)
+            raise
+        except (ClientDisconnected, asyncio.CancelledError, GeneratorExit):
+            self.metrics.failure("dropped")
+            raise
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.textgen
