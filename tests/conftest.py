@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models built once per test session."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -14,10 +15,10 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
     """Returns build(arch="llama", **overrides) -> path; identical requests share one folder."""
     from tests.tiny_models import make_tiny_model
 
-    cache: dict[tuple, str] = {}
+    cache: dict[str, str] = {}
 
     def build(arch: str = "llama", **overrides: object) -> str:
-        key = (arch, tuple(sorted(overrides.items())))
+        key = json.dumps([arch, overrides], sort_keys=True)
         if key not in cache:
             path = tmp_path_factory.mktemp(f"tiny-{arch}")
             cache[key] = str(make_tiny_model(path, arch, **overrides))
