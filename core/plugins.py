@@ -6,7 +6,7 @@ Invariants:
 - `TEXTGEN_PLUGINS` (comma-separated entry point names) is an allow-list when set;
   `TEXTGEN_DISABLE_PLUGINS` (or `block=`) blocks plugins by name; blocked plugins are never imported.
 - Selection: a forced name (argument or `TEXTGEN_BACKEND`) must be available, otherwise the error
-  carries its probe's reason; without one the highest-priority available candidate wins, and two
+  carries its probe's reason (or its plugin's load error, or that it was blocked); without one the highest-priority available candidate wins, and two
   available candidates sharing the top priority are an error naming both.
 - After selection every other backend plugin is unregistered, so later hooks hear only the
   chosen one.
@@ -53,6 +53,7 @@ class PluginManager:
         self.block = (block or set()) | _env_names("TEXTGEN_DISABLE_PLUGINS")
         self.load_errors: list[PluginLoadError] = []
         self.distributions: dict[str, str] = {}
+        self.blocked: set[str] = set()  # entry point names skipped by the allow/block lists
         self._load_entry_points()
 
     @property
@@ -65,6 +66,7 @@ class PluginManager:
                 continue
             if ep.name in self.block or (self.allow is not None and ep.name not in self.allow):
                 self.pm.set_blocked(ep.name)
+                self.blocked.add(ep.name)
                 continue
             dist = ep.dist.name if ep.dist is not None else "?"
             try:
@@ -96,11 +98,17 @@ class PluginManager:
 
     def select(self, config: EngineConfig | None = None, forced: str | None = None) -> BackendCandidate:
         """Choose the backend (see module docstring) and unregister the other backend plugins."""
-        forced = forced or os.environ.get("TEXTGEN_BACKEND") or None
         cands = self.candidates(config)
-        chosen = _choose_forced(cands, forced) if forced else _choose_best(cands, self.load_errors)
+        chosen = self.choose(cands, forced)
         self._unregister_other_backends(cands, chosen)
         return chosen
+
+    def choose(self, cands: list[BackendCandidate], forced: str | None = None) -> BackendCandidate:
+        """The selection rule alone, over already probed candidates; unregisters nothing."""
+        forced = forced or os.environ.get("TEXTGEN_BACKEND") or None
+        if forced:
+            return _choose_forced(cands, forced, self.load_errors, self.blocked)
+        return _choose_best(cands, self.load_errors)
 
     def _unregister_other_backends(self, cands: list[BackendCandidate], chosen: BackendCandidate) -> None:
         for cand in cands:
@@ -114,15 +122,29 @@ class PluginManager:
         return load_class(chosen.backend_class)(config, chosen)
 
 
-def _choose_forced(cands: list[BackendCandidate], forced: str) -> BackendCandidate:
+def _choose_forced(
+    cands: list[BackendCandidate], forced: str, errors: list[PluginLoadError], blocked: set[str]
+) -> BackendCandidate:
     by_name = {c.name: c for c in cands}
     if forced not in by_name:
-        known = ", ".join(sorted(by_name)) or "none"
-        raise BackendSelectionError(f"backend '{forced}' is not installed (known backends: {known})")
+        raise _not_found(forced, sorted(by_name), errors, blocked)
     cand = by_name[forced]
     if not cand.available:
         raise BackendSelectionError(f"backend '{forced}' is not available: {cand.reason}")
     return cand
+
+
+def _not_found(
+    forced: str, known: list[str], errors: list[PluginLoadError], blocked: set[str]
+) -> BackendSelectionError:
+    """Why a forced backend has no candidate: its plugin failed to load, was blocked, or is absent."""
+    for err in errors:
+        if err.name == forced:
+            return BackendSelectionError(f"backend '{forced}' ({err.distribution}) failed to load: {err.error}")
+    if forced in blocked:
+        blockers = "TEXTGEN_PLUGINS / TEXTGEN_DISABLE_PLUGINS (or block=)"
+        return BackendSelectionError(f"backend '{forced}' is blocked by {blockers}")
+    return BackendSelectionError(f"backend '{forced}' is not installed (known backends: {', '.join(known) or 'none'})")
 
 
 def _choose_best(cands: list[BackendCandidate], errors: list[PluginLoadError]) -> BackendCandidate:

@@ -1,0 +1,132 @@
+"""FlashAttentionPaged: flash-attn 2's varlen kernel reading K/V through the block table.
+
+One call serves a mixed step (prefill chunks after cached prefixes and decode tokens): flash-attn
+aligns the causal mask bottom-right when a request has fewer query tokens than keys, which is
+the AttentionBackend contract (query token j of request i sees context positions
+<= seq_lens[i] - query_lens[i] + j). flash_attn is imported inside methods only.
+"""
+from __future__ import annotations
+
+from importlib import metadata
+from importlib.util import find_spec
+from typing import TYPE_CHECKING
+
+import torch
+
+from textgen.core.attention import AttentionBackend, AttentionSpec
+from textgen.core.layers.paged_attention import write_kv
+
+if TYPE_CHECKING:
+    from textgen.core.forward_context import AttentionMetadata
+
+MIN_VERSION = (2, 5, 7)  # block_table in flash_attn_varlen_func (Dao-AILab/flash-attention#831)
+SOFTCAP_MIN_VERSION = (2, 6, 0)
+PAGE_MULTIPLE = 256  # flash-attn 2 checks "Paged KV cache block size must be divisible by 256"
+MAX_HEAD_SIZE = 256
+MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere, Ada and Hopper
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def installed_version() -> tuple[int, ...] | None:
+    """flash-attn's version as ints ("2.6.3.post1" -> (2, 6, 3)), None when not installed."""
+    if find_spec("flash_attn") is None:
+        return None
+    try:
+        version = metadata.version("flash-attn")
+    except metadata.PackageNotFoundError:  # a build installed without distribution metadata
+        import flash_attn
+
+        version = flash_attn.__version__
+    parts = version.split("+")[0].split(".")
+    return tuple(int(p) for p in parts[:3] if p.isdigit())
+
+
+def _install_reasons(spec: AttentionSpec) -> list[str]:
+    version = installed_version()
+    needed = ".".join(map(str, MIN_VERSION))
+    if version is None:
+        return [f"flash_attn is not installed (pip install 'flash-attn>={needed}')"]
+    have = ".".join(map(str, version))
+    if version < MIN_VERSION:
+        return [f"flash-attn {have} has no paged KV in flash_attn_varlen_func (needs >= {needed})"]
+    if spec.logits_soft_cap is not None and version < SOFTCAP_MIN_VERSION:
+        return [f"flash-attn {have} has no logits soft-capping (needs >= 2.6.0)"]
+    return []
+
+
+def _spec_reasons(spec: AttentionSpec) -> list[str]:
+    reasons = []
+    if spec.dtype not in DTYPES:
+        reasons.append(f"dtype {spec.dtype} is not supported (flash-attn computes in float16 or bfloat16)")
+    if spec.head_size % 8 or spec.head_size > MAX_HEAD_SIZE:
+        reasons.append(f"head_size {spec.head_size} is unsupported (flash-attn needs a multiple of 8, at most 256)")
+    if spec.block_size % PAGE_MULTIPLE:
+        reasons.append(
+            f"block_size {spec.block_size} is not a multiple of {PAGE_MULTIPLE} "
+            f"(flash-attn's paged KV cache; use --block-size {PAGE_MULTIPLE})"
+        )
+    if spec.num_heads % spec.num_kv_heads:
+        reasons.append(f"{spec.num_heads} query heads are not a multiple of {spec.num_kv_heads} KV heads")
+    return reasons
+
+
+def _device_reasons() -> list[str]:
+    if torch.version.cuda is None or torch.cuda.device_count() == 0:
+        return ["no CUDA device is visible to torch"]
+    capability = torch.cuda.get_device_capability()
+    if capability < MIN_CAPABILITY:
+        return [f"flash-attn 2 needs compute capability >= 8.0 (this GPU is {capability[0]}.{capability[1]})"]
+    return []
+
+
+class FlashAttentionPaged(AttentionBackend):
+    """KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_size] (K then V),
+    the layout of TorchPagedAttention; each half is the paged `k`/`v` that flash-attn's
+    block_table indexes."""
+
+    name = "flash_attn"
+
+    def __init__(self, spec: AttentionSpec) -> None:
+        super().__init__(spec)
+        # sliding_window W: a query sees itself and the W - 1 keys before it
+        self._window = (spec.sliding_window - 1, 0) if spec.sliding_window else (-1, -1)
+        self._extra = {"softcap": spec.logits_soft_cap} if spec.logits_soft_cap is not None else {}
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def check(cls, spec: AttentionSpec) -> list[str]:
+        """Every reason at once (install, spec, device), so one message says all that must change."""
+        return _install_reasons(spec) + _spec_reasons(spec) + _device_reasons()
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        from flash_attn import flash_attn_varlen_func
+
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        cu_seqlens_k = torch.nn.functional.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+        out = flash_attn_varlen_func(
+            q,
+            key_cache,
+            value_cache,
+            cu_seqlens_q=meta.query_start_loc,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=meta.max_query_len,
+            max_seqlen_k=meta.max_seq_len,
+            softmax_scale=self.spec.scale,
+            causal=True,
+            window_size=self._window,
+            block_table=meta.block_tables,
+            **self._extra,
+        )
+        return out.reshape(q.shape[0], -1)
+

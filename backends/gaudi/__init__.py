@@ -1,0 +1,1 @@
+"""The Intel Gaudi (HPU) backend: habana_frameworks' PyTorch bridge and HCCL."""

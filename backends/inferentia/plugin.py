@@ -1,0 +1,50 @@
+"""Inferentia backend plugin: hook implementations only. Never imports torch_neuronx here.
+
+The probe checks the package and the Neuron driver's device nodes (/dev/neuron<N>, one per
+Inferentia2/Trainium chip, created by the aws-neuronx-dkms driver).
+"""
+from __future__ import annotations
+
+from glob import glob
+from importlib import metadata
+from importlib.util import find_spec
+from typing import TYPE_CHECKING
+
+from textgen.core.backend import BackendCandidate
+from textgen.core.hookspecs import hookimpl
+from textgen.core.registry import AttentionBackendInfo
+
+if TYPE_CHECKING:
+    from textgen.core.backend import Backend
+    from textgen.core.config import EngineConfig
+
+PRIORITY = 90
+BACKEND_CLASS = "textgen.backends.inferentia.backend:InferentiaBackend"
+DEVICE_NODES = "/dev/neuron[0-9]*"
+TORCH_PAGED = AttentionBackendInfo("torch_paged", "textgen.core.layers.paged_attention:TorchPagedAttention", 0)
+
+
+def _candidate(available: bool, reason: str) -> BackendCandidate:
+    return BackendCandidate("inferentia", available, PRIORITY, reason, BACKEND_CLASS)
+
+
+def probe() -> BackendCandidate:
+    if find_spec("torch_neuronx") is None:
+        return _candidate(
+            False, "torch_neuronx is not installed (pip install 'textgen[inferentia]' from the Neuron repository)"
+        )
+    nodes = sorted(glob(DEVICE_NODES))
+    if not nodes:
+        return _candidate(False, f"no Neuron device: no {DEVICE_NODES} device node (aws-neuronx-dkms driver)")
+    version = metadata.version("torch_neuronx")
+    return _candidate(True, f"{len(nodes)} x Neuron device ({nodes[0]}), torch_neuronx {version}")
+
+
+@hookimpl
+def textgen_probe_backend(config: EngineConfig | None) -> BackendCandidate:
+    return probe()
+
+
+@hookimpl
+def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
+    return [TORCH_PAGED]

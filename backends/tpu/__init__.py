@@ -1,0 +1,1 @@
+"""The Google TPU backend: torch_xla over PJRT."""

@@ -1,0 +1,1 @@
+"""Tests of the in-tree backend plugins (probes, backend classes, attention kernels)."""

@@ -1,0 +1,84 @@
+"""Backend classes' own logic that runs without their device: dtype rules, config refusals and
+memory reports, with the device facts (capability, architecture, runtime report) given."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from textgen.backends.cuda.backend import CUDABackend
+from textgen.backends.inferentia.backend import InferentiaBackend
+from textgen.backends.rocm.backend import ROCmBackend
+from textgen.backends.tpu.backend import xla_memory
+from textgen.core.backend import BackendCandidate, MemoryInfo
+from textgen.core.config import EngineConfig
+
+GiB = 2**30
+
+
+def _backend(cls: type, name: str):
+    return cls(None, BackendCandidate(name, True, 100, "test", f"{cls.__module__}:{cls.__name__}"))
+
+
+@pytest.fixture
+def turing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+
+
+def test_cuda_before_ampere_defaults_to_fp16_and_refuses_bf16(turing: None) -> None:
+    backend = _backend(CUDABackend, "cuda")
+    assert backend.device == torch.device("cuda", 0)
+    assert backend.default_dtype() == torch.float16
+    assert backend.supported_dtypes() == (torch.float16, torch.float32)
+    config = EngineConfig(model_id="m", dtype="bfloat16", attention_backend="flash_attn")
+    assert backend.config_reasons(config) == [
+        "--dtype bfloat16 needs compute capability >= 8.0 (Tesla T4 is 7.5); use --dtype float16",
+        "--attention-backend flash_attn needs a block size that is a multiple of 256 "
+        "(flash-attn's paged KV cache), got 16",
+    ]
+
+
+def test_cuda_ampere_and_later_default_to_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    backend = _backend(CUDABackend, "cuda")
+    assert (backend.device, backend.default_dtype(), backend.distributed_backend()) == (
+        torch.device("cuda", 3), torch.bfloat16, "nccl"
+    )
+    config = EngineConfig(model_id="m", dtype="bfloat16", attention_backend="flash_attn", block_size=256)
+    assert backend.config_reasons(config) == []
+
+
+@pytest.mark.parametrize(
+    ("arch", "bf16"),
+    [("gfx942:sramecc+:xnack-", True), ("gfx90a:sramecc+:xnack-", True), ("gfx906:sramecc+", False)],
+)
+def test_rocm_bf16_follows_the_gpu_architecture(monkeypatch: pytest.MonkeyPatch, arch: str, bf16: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(gcnArchName=arch))
+    backend = _backend(ROCmBackend, "rocm")
+    assert backend.default_dtype() == (torch.bfloat16 if bf16 else torch.float16)
+    assert backend.distributed_backend() == "nccl"
+    reasons = backend.config_reasons(EngineConfig(model_id="m", dtype="bfloat16"))
+    expected = [] if bf16 else ["--dtype bfloat16 needs bf16 matrix instructions (gfx906 has none); use --dtype float16"]
+    assert reasons == expected
+
+
+def test_xla_memory_reports_of_both_torch_xla_generations() -> None:
+    assert xla_memory({"bytes_limit": 16 * GiB, "bytes_used": GiB, "peak_bytes_used": 2 * GiB}) == MemoryInfo(
+        16 * GiB, 15 * GiB
+    )
+    assert xla_memory({"kb_total": 1024, "kb_free": 512}) == MemoryInfo(1024 * 1024, 512 * 1024)
+    assert xla_memory({}) is None
+
+
+def test_inferentia_memory_without_a_runtime_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unsupported(device: object) -> dict:
+        raise RuntimeError("UNIMPLEMENTED: GetMemoryStats")
+
+    backend = InferentiaBackend.__new__(InferentiaBackend)  # __init__ would import torch_neuronx
+    backend._xm, backend._device = SimpleNamespace(get_memory_info=unsupported), "xla:0"
+    assert backend.memory_info() == MemoryInfo(16 * GiB, 4 * GiB)
+    monkeypatch.setenv("TEXTGEN_NEURON_KV_CACHE_GB", "2.5")
+    assert backend.memory_info() == MemoryInfo(16 * GiB, int(2.5 * GiB))
