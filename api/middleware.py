@@ -1,7 +1,7 @@
 """ASGI middleware for TGI's cross-cutting rules (reference §1.2), checked in this order: Bearer
 auth on the base routes only (compared case-insensitively, as TGI lowercases both sides; 401),
 a JSON content type on JSON routes (415), and the request body limit (413), enforced on
-Content-Length and on the bytes actually received."""
+Content-Length and on the bytes actually received (the body is read before the app runs)."""
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -11,10 +11,6 @@ from textgen.api.errors import ApiError, payload_too_large, unauthorized, unsupp
 PROTECTED_ROUTES = frozenset(("/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions",
                               "/vertex", "/invocations", "/tokenize"))
 JSON_ROUTES = PROTECTED_ROUTES | {"/chat_tokenize"}
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class GuardMiddleware:
@@ -32,18 +28,31 @@ class GuardMiddleware:
         if error is not None:
             await error.response()(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, self._limited(receive), tracking_send)
-        except _TooLarge:
-            if not started:
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            body = await self._read_body(receive)
+            if body is _DISCONNECTED:
+                return
+            if body is None:
                 await payload_too_large(self.payload_limit).response()(scope, receive, send)
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | object | None:
+        """The whole body (at most payload_limit bytes, so buffering it is bounded), None when it
+        is larger, _DISCONNECTED when the client left while sending it."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return _DISCONNECTED
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.payload_limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     def _refusal(self, scope: Scope, headers: dict[str, str]) -> ApiError | None:
         if (self.expected_auth is not None and scope["method"] == "POST" and scope["path"] in PROTECTED_ROUTES
@@ -56,19 +65,23 @@ class GuardMiddleware:
             return payload_too_large(self.payload_limit)
         return None
 
-    def _limited(self, receive: Receive) -> Receive:
-        received = 0
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.payload_limit:
-                    raise _TooLarge()
-            return message
 
-        return limited_receive
+_DISCONNECTED = object()
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Hands the buffered body to the app once, then the real channel (which reports disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _is_json(content_type: str | None) -> bool:

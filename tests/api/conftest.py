@@ -86,6 +86,24 @@ def strict_server(tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def hf_greedy(tiny_llama):
+    """(prompt ids, n) -> transformers' greedy continuation ids: the reference for exact text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+    def run(ids: list[int], n: int) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return out[0, len(ids):].tolist()
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def openapi():
     """validate(body, schema_name): jsonschema validation against TGI's OpenAPI components, with
     OpenAPI 3.0's `nullable` turned into JSON Schema's null type and every $ref resolved."""

@@ -7,29 +7,10 @@ import warnings
 
 import httpx
 import pytest
-import torch
 
 from tests.api.conftest import sse_events
 
 PROMPT = "def add(a, b):"
-
-
-@pytest.fixture(scope="module")
-def hf_greedy(tiny_llama):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-
-    def run(prompt: str, n: int) -> tuple[list[int], str]:
-        ids = tok.encode(prompt)
-        with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        new = out[0, len(ids):].tolist()
-        return new, tok.decode(new, skip_special_tokens=True)
-
-    return run
 
 
 def prompt_len(server, prompt: str = PROMPT) -> int:
@@ -41,7 +22,8 @@ def post(server, path: str, body: dict, **kw) -> httpx.Response:
 
 
 def test_generate_greedy_matches_transformers_with_exact_details(server, hf_greedy, openapi):
-    ids, text = hf_greedy(PROMPT, 8)
+    ids = hf_greedy(server.engine.tokenizer.encode(PROMPT), 8)
+    text = server.engine.tokenizer.decode(ids, skip_special_tokens=True)
     r = post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True}})
     assert r.status_code == 200
     body = r.json()
