@@ -1,0 +1,135 @@
+"""`textgen serve`: TGI's flags and environment variables, one-line refusals with exit status 2,
+and a real start that prints the derived token budgets and serves."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.api.conftest import free_port
+from textgen.api.launcher import check_options, engine_config
+from textgen.api.launcher_flags import FlagError, add_flags, resolve
+
+
+def options(argv: list[str], env: dict[str, str] | None = None) -> tuple[dict, argparse.Namespace]:
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    args = parser.parse_args(argv)
+    return resolve(args, env or {}), args
+
+
+def test_command_line_beats_environment_beats_default():
+    o, _ = options(["--max-best-of", "3"], {"MAX_BEST_OF": "5", "MAX_STOP_SEQUENCES": "7", "PORT": "8080"})
+    assert (o["max_best_of"], o["max_stop_sequences"], o["port"], o["max_top_n_tokens"]) == (3, 7, 8080, 5)
+    o, _ = options(["--trust-remote-code"], {"JSON_OUTPUT": "true", "CORS_ALLOW_ORIGIN": "http://a, http://b"})
+    assert o["trust_remote_code"] is True and o["json_output"] is True
+    assert o["cors_allow_origin"] == ["http://a", "http://b"]
+    o, _ = options(["--cors-allow-origin", "http://c", "--cors-allow-origin", "http://d", "--prefix-caching", "false"])
+    assert o["cors_allow_origin"] == ["http://c", "http://d"] and o["prefix_caching"] is False
+
+
+def test_defaults_follow_tgi():
+    o, _ = options([])
+    assert {k: o[k] for k in ("hostname", "port", "max_concurrent_requests", "max_best_of", "max_stop_sequences",
+                              "max_top_n_tokens", "payload_limit", "max_client_batch_size", "validation_workers",
+                              "waiting_served_ratio", "trust_remote_code", "grpc_port", "api_key")} == {
+        "hostname": "0.0.0.0", "port": 3000, "max_concurrent_requests": 128, "max_best_of": 2,
+        "max_stop_sequences": 4, "max_top_n_tokens": 5, "payload_limit": 2_000_000, "max_client_batch_size": 4,
+        "validation_workers": 2, "waiting_served_ratio": 0.3, "trust_remote_code": False, "grpc_port": None,
+        "api_key": None}
+    from textgen.demo import DEMO_MODEL_PATH
+
+    assert o["model_id"] == DEMO_MODEL_PATH
+
+
+def test_bad_values_name_their_source():
+    with pytest.raises(FlagError, match="invalid value 'x' for MAX_BEST_OF"):
+        options([], {"MAX_BEST_OF": "x"})
+    with pytest.raises(FlagError, match=r"invalid value 'int4' for QUANTIZE \(choose from awq, "):
+        options([], {"QUANTIZE": "int4"})
+
+
+@pytest.mark.parametrize(("argv", "env", "reason"), [
+    (["--quantize", "awq"], {}, "quantize 'awq' is not supported yet by textgen (supported: none)"),
+    ([], {"QUANTIZE": "gptq"}, "quantize 'gptq' is not supported yet by textgen (supported: none)"),
+    (["--num-shard", "2"], {}, "num-shard 2 is not supported yet by textgen (supported: 1)"),
+    (["--num-shard", "0"], {}, "`num_shard` cannot be < 1"),
+    (["--sharded", "true"], {}, "`sharded` is true but `num_shard` <= 1"),
+    (["--max-input-tokens", "10", "--max-input-length", "10"], {},
+     "Both `max_input_tokens` (10) and `max_input_length` (10) are set. Please define only `max_input_tokens` as "
+     "`max_input_length is deprecated for naming consistency."),
+    (["--max-input-tokens", "100", "--max-total-tokens", "100"], {}, "`max_input_tokens`(100) must be < `max_total_tokens`(100)"),
+    ([], {"MAX_INPUT_LENGTH": "200", "MAX_TOTAL_TOKENS": "100"}, "`max_input_tokens`(200) must be < `max_total_tokens`(100)"),
+    (["--max-total-tokens", "2000", "--max-batch-total-tokens", "1000"], {},
+     "`max_total_tokens` must be <= `max_batch_total_tokens`. Given: 2000 and 1000"),
+    (["--max-batch-size", "0"], {}, "`max_batch_size` must be > 0"),
+    (["--validation-workers", "0"], {}, "`validation_workers` must be > 0"),
+    (["--port", "70000"], {}, "`port` must be between 1 and 65535. Given: 70000"),
+    (["--port", "9000", "--grpc-port", "9000"], {}, "`grpc_port` and `port` must differ. Given: 9000 for both"),
+])
+def test_refused_combinations(argv, env, reason):
+    o, _ = options(argv, env)
+    assert check_options(o)[0] == reason
+
+
+def test_engine_config_mapping():
+    o, args = options(["--model-id", "m", "--max-input-length", "100", "--max-total-tokens", "200", "--dtype",
+                       "bfloat16", "--num-kv-blocks", "32", "--prefix-caching", "false"], {"TEXTGEN_BACKEND": "cpu"})
+    assert check_options(o) == []
+    c = engine_config(o, args)
+    assert (c.model_id, c.max_input_tokens, c.max_total_tokens, c.dtype, c.num_kv_blocks, c.enable_prefix_caching,
+            c.backend, c.num_shard) == ("m", 100, 200, "bfloat16", 32, False, "cpu", 1)
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "textgen.api.cli", "serve", *argv], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_refusal_is_one_line_and_exit_status_2():
+    done = run_cli("--num-shard", "4")
+    assert (done.returncode, done.stderr, done.stdout) == (
+        2, "textgen serve: error: num-shard 4 is not supported yet by textgen (supported: 1)\n", "")
+    done = run_cli(env={"QUANTIZE": "awq"})
+    assert (done.returncode, done.stderr) == (2, "textgen serve: error: quantize 'awq' is not supported yet by "
+                                                 "textgen (supported: none)\n")
+
+
+def test_serve_prints_budgets_and_serves(tiny_llama):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "textgen.api.cli", "serve", "--model-id", tiny_llama, "--hostname", "127.0.0.1",
+         "--num-kv-blocks", "64", "--backend", "cpu", "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PORT": str(port), "MAX_TOTAL_TOKENS": "512"})
+    try:
+        lines = []
+        while not any("max_total_tokens=" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert any("max_input_tokens=511 max_total_tokens=512" in line for line in lines), lines
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=5).json()
+        assert (info["max_input_tokens"], info["max_total_tokens"]) == (511, 512)
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}},
+                       timeout=30)
+        assert r.status_code == 200 and r.headers["x-compute-type"] == "1-cpu"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        proc.stdout.close()
