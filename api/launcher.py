@@ -2,7 +2,7 @@
 
 A bad flag or combination prints one line, `textgen serve: error: <what to change>`, and exits
 with status 2 before anything heavy is loaded; budget problems found while sizing the KV cache
-exit the same way. The token budgets the engine derived are printed before the server starts.
+exit the same way. A model that cannot be loaded prints one line and exits with status 1. The token budgets the engine derived are printed before the server starts.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from textgen.api.launcher_flags import FLAGS, FlagError, add_flags, resolve
 
 log = logging.getLogger("textgen.launcher")
 SUPPORTED_QUANTIZE: tuple[str, ...] = ()  # grows as quantizers land; None (no quantization) always works
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # a flag or combination to change
+EXIT_FAILURE = 1  # the model or the machine
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +164,11 @@ def _start_engine(options: Mapping[str, Any], args: argparse.Namespace) -> Any:
         return AsyncEngine.from_config(engine_config(options, args))
     except (ConfigError, BackendSelectionError) as exc:
         return _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a model that cannot load: one line, the traceback at debug level
+        log.debug("engine start failed", exc_info=exc)
+        print(f"textgen serve: error: cannot start the engine for '{options['model_id']}': "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _run_http(options: Mapping[str, Any], engine: Any, start_metrics_listener: Any) -> int:

@@ -101,6 +101,13 @@ def test_refusal_is_one_line_and_exit_status_2():
                                                  "textgen (supported: none)\n")
 
 
+def test_a_model_that_cannot_load_is_one_line_and_exit_status_1(tmp_path):
+    done = run_cli("--model-id", str(tmp_path / "missing"), "--backend", "cpu")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"textgen serve: error: cannot start the engine for '{tmp_path / 'missing'}': ")
+    assert done.stderr.count("\n") == 1
+
+
 def test_serve_prints_budgets_and_serves(tiny_llama):
     port = free_port()
     proc = subprocess.Popen(
