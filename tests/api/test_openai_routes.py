@@ -169,3 +169,16 @@ def test_invocations_dispatch_on_the_body(server):
     assert chat_body["object"] == "chat.completion"
     comp = httpx.post(url, json={"prompt": "x = 1", "max_tokens": 2}, timeout=60).json()
     assert comp["object"] == "text_completion"
+
+
+def test_text_generation_client_chat(server):
+    """The deprecated TGI client's non-streaming chat (its stream parser cannot read TGI's deltas
+    or `[DONE]`, against TGI itself too)."""
+    import warnings
+
+    from text_generation import Client
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = Client(server.base_url, timeout=60).chat(messages=MESSAGES, max_tokens=3, temperature=0.0)
+    assert out.choices[0].finish_reason == "length" and out.usage["completion_tokens"] == 3

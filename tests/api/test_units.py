@@ -131,3 +131,27 @@ def test_metrics_text_uses_tgi_counter_names():
     for line in ("tgi_queue_size 2.0", "tgi_batch_current_size 3.0", "tgi_batch_current_max_tokens 64.0",
                  "tgi_batch_max_total_tokens 2048.0", "textgen_kv_cache_usage 0.25", "textgen_prefix_cache_hit_rate 0.25"):
         assert f"\n{line}\n" in text, line
+
+
+def test_extra_metrics_listener_and_json_logs():
+    import json
+    import logging
+
+    import httpx
+
+    from textgen.api.metrics import Metrics
+    from textgen.api.observability import JsonFormatter, start_metrics_listener
+    from textgen.core.engine.types import EngineStats
+
+    stats = EngineStats(0, 0, 0.0, 0, 0, 0, 8, 16)
+    m = Metrics(10, 20, 40, lambda: stats)
+    m.request()
+    listener = start_metrics_listener(m, "127.0.0.1", 0)
+    try:
+        text = httpx.get(f"http://127.0.0.1:{listener.server_address[1]}/metrics", timeout=10).text
+    finally:
+        listener.shutdown()
+    assert "\ntgi_request_count 1.0\n" in text
+    record = logging.LogRecord("textgen.api", logging.WARNING, __file__, 1, "hello %s", ("world",), None)
+    entry = json.loads(JsonFormatter().format(record))
+    assert (entry["level"], entry["target"], entry["fields"]) == ("WARNING", "textgen.api", {"message": "hello world"})
