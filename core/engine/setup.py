@@ -41,10 +41,11 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
         architectures.update(extra or {})
     runner = load_class(backend.model_runner_class())(config, backend, attention_infos, architectures)
     tokenizer = load_tokenizer(config, runner.model_path)
-    plan = plan_kv_cache(config, backend, runner.attention_specs())
+    max_length = model_max_length(runner.hf_config, tokenizer)
+    plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length)
     runner.allocate_kv_cache(plan.num_blocks)
     lines = [f"backend {backend.describe()}; attention {runner.attention_cls.name}; dtype {runner.dtype}"]
-    lines += derive_budgets(config, plan, model_max_length(runner.hf_config, tokenizer))
+    lines += derive_budgets(config, plan, max_length)
     scheduler = _build_scheduler(config, plan.num_blocks)
     return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(runner.hf_config, tokenizer, runner.model_path), lines)
 

@@ -48,13 +48,17 @@ def _itemsize(dtype: Any) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def plan_kv_cache(config: EngineConfig, backend: Backend, specs: list[AttentionSpec]) -> KVCachePlan:
+def plan_kv_cache(config: EngineConfig, backend: Backend, specs: list[AttentionSpec], max_length: int) -> KVCachePlan:
+    """Blocks from the backend's memory budget, but never more than every admissible request at
+    full length could use (max_concurrent_requests x the longest sequence): memory past that
+    would only be zero-filled and never touched."""
     per_block = bytes_per_block(specs, config.block_size)
     budget = backend.kv_cache_budget_bytes(config)
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
     else:
-        num_blocks = budget // per_block
+        useful_tokens = config.max_concurrent_requests * (config.max_total_tokens or max_length)
+        num_blocks = min(budget // per_block, math.ceil(useful_tokens / config.block_size))
         if config.max_batch_total_tokens is not None:
             num_blocks = min(num_blocks, math.ceil(config.max_batch_total_tokens / config.block_size))
     if num_blocks < 2:
