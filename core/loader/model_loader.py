@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from textgen.core.loader.dtype import resolve_dtype
+from textgen.core.loader.dummy import fill_dummy_weights
 from textgen.core.loader.files import iterate_safetensors, resolve_model_path
 from textgen.core.models.base import ModelBuildContext
 from textgen.core.models.registry import resolve_model_class
@@ -45,7 +46,7 @@ def load_model(config: EngineConfig, backend: Backend, attention_cls: type,
     with _building_on(backend.device, dtype):
         model = model_cls(hf_config, build)
     if config.load_format == "dummy":
-        _fill_dummy(model, config.seed)
+        fill_dummy_weights(model, hf_config, config.seed)
     elif config.load_format in ("auto", "safetensors"):
         _check_all_loaded(model, model.load_weights(iterate_safetensors(path)))
     else:
@@ -84,14 +85,6 @@ def _check_all_loaded(model: torch.nn.Module, loaded: set[str]) -> None:
     if missing:
         shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
         raise ValueError(f"the checkpoint does not provide these parameters of {type(model).__name__}: {shown}")
-
-
-def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
-    """Small random weights (benchmarks without a checkpoint); deterministic per seed."""
-    generator = torch.Generator().manual_seed(seed)
-    for param in model.parameters():
-        values = torch.empty(param.shape, dtype=torch.float32).uniform_(-1e-2, 1e-2, generator=generator)
-        param.data.copy_(values)
 
 
 def _process_after_loading(model: torch.nn.Module) -> None:
