@@ -39,3 +39,35 @@ def machine() -> str:
 
     return (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
+
+
+def build_never_eos_llama(out: str | os.PathLike, base: str | os.PathLike) -> Path:
+    """`build_random_llama(base)` copied to `out` with the EOS row of the (tied) embedding zeroed:
+    the EOS logit is then exactly 0 while the largest of the other 8k random logits is positive,
+    so greedy decoding never stops early and every server generates exactly max_new_tokens (the
+    TGI API has no ignore_eos). Same weights otherwise, for textgen, transformers and llama.cpp."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    if (out / "model.safetensors").exists():
+        return out
+    base = build_random_llama(base)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    weights = load_file(str(tmp / "model.safetensors"))
+    eos = int(__import__("json").loads((tmp / "config.json").read_text())["eos_token_id"])
+    weights["model.embed_tokens.weight"][eos] = 0.0
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tmp.rename(out)
+    return out
+
+
+def describe_machine() -> dict[str, object]:
+    """The machine description every benchmark report carries (CPU, cores, torch, load average)."""
+    from textgen.api.bench import describe_machine as describe
+
+    return describe()

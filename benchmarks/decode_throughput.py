@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_random_llama, machine  # noqa: E402
+from common import build_random_llama, describe_machine, machine  # noqa: E402
 
 
 def time_textgen(llm, prompts: list[list[int]], new_tokens: int) -> float:
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "textgen-bench-llama-100m"))
+    ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -66,11 +67,18 @@ def main() -> None:
     print(f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
     print("| batch | transformers tok/s | textgen tok/s | ratio |")
     print("|---:|---:|---:|---:|")
+    rows = []
     for bsz in args.batch_sizes:
         prompts = torch.randint(10, hf.config.vocab_size, (bsz, args.prompt_len), generator=gen).tolist()
         hf_rate = decode_rate(time_hf, hf, prompts, args.new_tokens)
         tg_rate = decode_rate(time_textgen, llm, prompts, args.new_tokens)
         print(f"| {bsz} | {hf_rate:.1f} | {tg_rate:.1f} | {tg_rate / hf_rate:.2f}x |", flush=True)
+        rows.append({"batch_size": bsz, "transformers_tokens_per_s": hf_rate, "textgen_tokens_per_s": tg_rate})
+    if args.out is not None:
+        from report import write_json
+
+        write_json(args.out, {"machine": describe_machine(), "params": params, "settings": vars(args) | {"out": str(args.out)},
+                              "results": rows})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""Serving load test: textgen against transformers (one request at a time) and llama.cpp's server,
+same model, same workload, same run.
+
+    python benchmarks/serving.py [--concurrency 1 8 64] [--servers textgen transformers llama.cpp]
+                                 [--time-limit 150] [--out benchmarks/results/serving]
+
+The model is the ~100M-parameter random Llama of benchmarks/common.py (float32) with its EOS row
+zeroed so that every request generates exactly its max_new_tokens. Each server is started on a
+127.0.0.1 port, warmed up with two short requests, driven at each concurrency level by closed-loop
+streaming clients (benchmarks/load_generator.py) with a seeded chat-like length distribution, and
+stopped. Each level sends max(--min-requests, --requests-per-client x concurrency) requests and is
+cut at --time-limit seconds (what was generated until then counts; the report says so).
+Reports TTFT p50/p99, inter-token latency p50/p99, requests/s and output tokens/s as JSON,
+Markdown and a PNG (when matplotlib is installed).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_never_eos_llama, describe_machine  # noqa: E402
+from load_generator import RequestSpec, run_level, synthesize_workload  # noqa: E402
+from report import markdown_table, plot, write_json  # noqa: E402
+import servers  # noqa: E402
+
+TMP = Path(tempfile.gettempdir())
+LLAMA_CPP = TMP / "llamacpp"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--servers", nargs="+", default=["textgen", "transformers", "llama.cpp"],
+                    choices=["textgen", "transformers", "llama.cpp"])
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--time-limit", type=float, default=150.0, help="seconds per (server, concurrency) level")
+    ap.add_argument("--input-median", type=int, default=128, help="median prompt length in tokens")
+    ap.add_argument("--output-median", type=int, default=128, help="median output length in tokens")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--port", type=int, default=18080, help="first of the ports used (one per server)")
+    ap.add_argument("--textgen-args", default="", help="extra `textgen serve` flags, e.g. '--max-batch-prefill-tokens 1024'")
+    ap.add_argument("--model-dir", type=Path, default=TMP / "textgen-serving-llama-100m")
+    ap.add_argument("--llama-cpp-python", type=Path, default=LLAMA_CPP / "venv" / "bin" / "python")
+    ap.add_argument("--llama-cpp-dir", type=Path, default=LLAMA_CPP / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp",
+                    help="llama.cpp sources (convert_hf_to_gguf.py, gguf-py)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "serving")
+    return ap.parse_args(argv)
+
+
+def workloads(tokenizer: Any, args: argparse.Namespace) -> dict[int, list[RequestSpec]]:
+    return {c: synthesize_workload(tokenizer, max(args.min_requests, args.requests_per_client * c), args.seed + c,
+                                   args.input_median, args.output_median) for c in args.concurrency}
+
+
+def server_specs(args: argparse.Namespace, skipped: dict[str, str]) -> list[servers.ServerSpec]:
+    specs = []
+    for i, name in enumerate(args.servers):
+        port = args.port + i
+        if name == "textgen":
+            specs.append(servers.textgen_spec(args.model_dir, port, shlex.split(args.textgen_args)))
+        elif name == "transformers":
+            specs.append(servers.hf_spec(args.model_dir, port))
+        else:
+            problem = servers.llama_cpp_problem(args.llama_cpp_python, args.llama_cpp_dir)
+            if problem:
+                skipped[name] = problem
+                continue
+            gguf = servers.convert_to_gguf(args.model_dir, args.llama_cpp_dir, args.model_dir / "model-f32.gguf")
+            specs.append(servers.llama_cpp_spec(args.llama_cpp_python, gguf, port, n_ctx=4096, threads=os.cpu_count() or 2))
+    return specs
+
+
+def measure(spec: servers.ServerSpec, loads: dict[int, list[RequestSpec]], args: argparse.Namespace) -> dict[str, Any]:
+    levels = []
+    with servers.running(spec, args.out / "logs"):
+        warm = [RequestSpec(loads[min(loads)][0].prompt, 0, 8)] * 2
+        asyncio.run(run_level(spec.base_url, spec.protocol, warm, 1, 120.0))
+        for c, load in loads.items():
+            print(f"  {spec.name}: concurrency {c}, {len(load)} requests ...", flush=True)
+            level = asyncio.run(run_level(spec.base_url, spec.protocol, load, c, args.time_limit))
+            print(f"    {level['output_tokens_per_s']:.1f} out tok/s, TTFT p50 {level['ttft_ms']['p50']} ms, "
+                  f"{level['requests_completed']}/{level['requests_sent']} done, errors {level['errors']}", flush=True)
+            levels.append(level)
+    return {"server": spec.name, "protocol": spec.protocol, "command": shlex.join(spec.argv), "levels": levels}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = []
+    for s in report["servers"]:
+        for lv in s["levels"]:
+            rows.append([s["server"], lv["concurrency"], f"{lv['requests_completed']}/{lv['requests_sent']}"
+                         + (" (cut)" if lv["time_limit_hit"] else ""), lv["requests_per_s"], lv["output_tokens_per_s"],
+                         lv["ttft_ms"]["p50"], lv["ttft_ms"]["p99"], lv["itl_ms"]["p50"], lv["itl_ms"]["p99"]])
+    table = markdown_table(["server", "clients", "done/sent", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
+                            "ITL p50 ms", "ITL p99 ms"], rows)
+    ratios = ratio_rows(report)
+    if ratios:
+        table += "\n\n" + markdown_table(["clients", "textgen / transformers", "textgen / llama.cpp"], ratios)
+    skipped = "".join(f"\n\n{name} not measured: {why}" for name, why in report["skipped"].items())
+    return table + skipped
+
+
+def ratio_rows(report: dict[str, Any]) -> list[list[object]]:
+    tput = {s["server"]: {lv["concurrency"]: lv["output_tokens_per_s"] for lv in s["levels"]} for s in report["servers"]}
+    if "textgen" not in tput:
+        return []
+    rows = []
+    for c, ours in tput["textgen"].items():
+        cells: list[object] = [c]
+        for other in ("transformers", "llama.cpp"):
+            theirs = tput.get(other, {}).get(c)
+            cells.append(f"{ours / theirs:.2f}x" if theirs else None)
+        rows.append(cells)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    build_never_eos_llama(args.model_dir, TMP / "textgen-bench-llama-100m")
+    loads = workloads(AutoTokenizer.from_pretrained(str(args.model_dir)), args)
+    report: dict[str, Any] = {
+        "machine_before": describe_machine(), "command": shlex.join([sys.executable, *sys.argv]),
+        "model": str(args.model_dir), "settings": {k: str(v) for k, v in vars(args).items()},
+        "workload": {c: {"requests": len(w), "prompt_tokens_mean": sum(r.prompt_tokens for r in w) / len(w),
+                         "max_new_tokens_mean": sum(r.max_new_tokens for r in w) / len(w)} for c, w in loads.items()},
+        "servers": [], "skipped": {},
+    }
+    for spec in server_specs(args, report["skipped"]):
+        print(f"{spec.name}: {shlex.join(spec.argv)}", flush=True)
+        started = time.time()
+        try:
+            report["servers"].append(measure(spec, loads, args))
+        except RuntimeError as exc:
+            report["skipped"][spec.name] = str(exc)
+        print(f"  ({time.time() - started:.0f} s)", flush=True)
+        write_json(args.out / "serving.json", report)
+    report["machine_after"] = describe_machine()
+    write_json(args.out / "serving.json", report)
+    text = markdown(report)
+    (args.out / "serving.md").write_text(text + "\n")
+    print(text)
+    panels = [("concurrent clients", "output tokens/s", _series(report, "output_tokens_per_s")),
+              ("concurrent clients", "TTFT p50 (ms)", _series(report, "ttft_ms", "p50"))]
+    why = plot(args.out / "serving.png", "serving: ~100M Llama fp32, " + str(report["machine_before"]["cpu"]), panels,
+               log_y=[True, True])
+    print(why or f"wrote {args.out / 'serving.png'}")
+
+
+def _series(report: dict[str, Any], key: str, sub: str | None = None) -> dict[str, tuple[list[float], list[float]]]:
+    out = {}
+    for s in report["servers"]:
+        xs = [lv["concurrency"] for lv in s["levels"]]
+        ys = [lv[key][sub] if sub else lv[key] for lv in s["levels"]]
+        out[s["server"]] = (xs, ys)
+    return out
+
+
+if __name__ == "__main__":
+    main()
