@@ -56,9 +56,14 @@ def _lp(value: float | None) -> float:
     return value if value is not None and math.isfinite(value) else -9999.0
 
 
+def token_bytes(text: str) -> list[int]:
+    """OpenAI's `bytes`: the UTF-8 bytes of the token's text."""
+    return list(text.encode("utf-8"))
+
+
 def logprob_entry(token: TokenInfo, top: list[TokenInfo]) -> dict[str, Any]:
-    return {"token": token.text, "logprob": _lp(token.logprob),
-            "top_logprobs": [{"token": t.text, "logprob": _lp(t.logprob)} for t in top]}
+    return {"token": token.text, "logprob": _lp(token.logprob), "bytes": token_bytes(token.text),
+            "top_logprobs": [{"token": t.text, "logprob": _lp(t.logprob), "bytes": token_bytes(t.text)} for t in top]}
 
 
 def chat_logprobs(gen: Generation) -> dict[str, Any]:

@@ -98,7 +98,7 @@ class ChatRequest(_Body):
 class CompletionRequest(_Body):
     model: StrictStr | None = None
     prompt: StrictStr | list[StrictStr]
-    max_tokens: U32 | None = None
+    max_tokens: U32 | None = Field(default=None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
     temperature: StrictFloat | None = None
     top_p: StrictFloat | None = None
     stream: StrictBool = False
@@ -110,6 +110,9 @@ class CompletionRequest(_Body):
     presence_penalty: StrictFloat | None = None
     stop: list[StrictStr] | None = None
     n: U32 | None = None
+    logprobs: U32 | None = None  # OpenAI: return this many top alternatives (and the chosen token's logprob)
+    echo: StrictBool = False  # OpenAI: prepend the prompt to the text (and its logprobs when logprobs is set)
+    logit_bias: Any = None
 
     _normalize_stop = field_validator("stop", mode="before")(_stop_list)
 

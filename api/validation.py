@@ -161,13 +161,15 @@ def _check_meta_schema(schema: dict[str, Any]) -> None:
 
 
 def sampling_params(p: GenerateParameters, max_new_tokens: int, grammar: GrammarSpec | None) -> SamplingParams:
+    """TGI's fields with TGI's semantics: `frequency_penalty` is TGI's (count in prompt + output /
+    length, `tgi_frequency_penalty`), not OpenAI's; `do_sample` is the shard's effective sampling."""
     return SamplingParams(
         max_new_tokens=max_new_tokens, do_sample=is_sampling(p),
         temperature=p.temperature if p.temperature is not None else 1.0,
         top_k=p.top_k or 0, top_p=p.top_p if p.top_p is not None else 1.0,
         typical_p=p.typical_p if p.typical_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
-        frequency_penalty=p.frequency_penalty or 0.0, seed=p.seed, stop=list(p.stop),
+        tgi_frequency_penalty=p.frequency_penalty or 0.0, seed=p.seed, stop=list(p.stop),
         logprobs=True, top_n_tokens=p.top_n_tokens or 0, prompt_logprobs=p.decoder_input_details,
         watermark=p.watermark, grammar=grammar,
     )

@@ -183,7 +183,11 @@ class EngineCore:
         return self.runner.execute(out, rows, wanted, mask)
 
     def _process(self, out: SchedulerOutput, result: StepResult) -> None:
+        starts = {s.request.request_id: s.num_computed_tokens for s in out.scheduled}
         for rid, lps in result.prompt_logprobs.items():
+            # entry j scores prompt token j + 1, so a step from position c writes from entry c: a
+            # prompt recomputed after preemption overwrites its entries instead of appending them again
+            del self.states[rid].prompt_logprobs[starts[rid]:]
             self.states[rid].prompt_logprobs.extend(lps)
         sampled = {rid: tok.token_id for rid, tok in result.sampled.items()}
         for rid, tok in result.sampled.items():
