@@ -2,6 +2,7 @@
 is `<version>-<docker label|native>`, every chat delta carries `role: assistant`, chunks carry
 `usage: null` except the optional usage chunk. Finish reasons follow OpenAI: eos and stop
 sequences are "stop", the length limit is "length"; stop sequences are not part of the text.
+A tool call (OpenAI's shape, not TGI's "stop") finishes with "tool_calls".
 """
 from __future__ import annotations
 
@@ -87,16 +88,24 @@ class Envelope:
         return {"object": obj, "id": "", "created": self.created, "model": self.model,
                 "system_fingerprint": self.system_fingerprint, "choices": choices, "usage": usage_}
 
-    def chat_completion(self, gens: list[Generation], logprobs: bool) -> dict[str, Any]:
-        choices = [{"index": i, "message": {"role": "assistant", "content": trimmed_text(g)},
-                    "logprobs": chat_logprobs(g) if logprobs else None,
-                    "finish_reason": finish_reason(g.finish_reason)} for i, g in enumerate(gens)]
+    def chat_completion(self, gens: list[Generation], logprobs: bool,
+                        tool_messages: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+        """`tool_messages[i]`, when given and not None, is choice i's tool-call message."""
+        choices = []
+        for i, g in enumerate(gens):
+            tool_message = tool_messages[i] if tool_messages else None
+            choices.append({"index": i, "message": tool_message or {"role": "assistant", "content": trimmed_text(g)},
+                            "logprobs": chat_logprobs(g) if logprobs else None,
+                            "finish_reason": "tool_calls" if tool_message else finish_reason(g.finish_reason)})
         return self.chat("chat.completion", choices, usage(gens[0].input_length, sum(g.generated_tokens for g in gens)))
 
     def chat_chunk(self, index: int, content: str, logprobs: dict[str, Any] | None,
                    finish: str | None) -> dict[str, Any]:
-        choice = {"index": index, "delta": {"role": "assistant", "content": content}, "logprobs": logprobs,
-                  "finish_reason": finish}
+        return self.chat_delta(index, {"role": "assistant", "content": content}, logprobs, finish)
+
+    def chat_delta(self, index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None,
+                   finish: str | None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return self.chat("chat.completion.chunk", [choice], None)
 
     def completion_choice(self, index: int, text: str, finish: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from textgen.api.errors import tool_error, validation_error
+from textgen.api.errors import validation_error
 from textgen.api.schemas_openai import ChatRequest, CompletionRequest
 from textgen.api.schemas_tgi import GenerateParameters
 from textgen.api.state import AppState
@@ -54,14 +54,6 @@ def check_n(n: int | None, limits: Limits) -> int:
     if not 0 < n <= max(1, limits.max_best_of):
         raise validation_error(f"`n` must be > 0 and <= {max(1, limits.max_best_of)}. Given: {n}")
     return n
-
-
-def check_tools(body: ChatRequest) -> None:
-    """Tool calling arrives with structured outputs (issue 6); until then it is refused clearly."""
-    if body.tools and body.response_format is not None:
-        raise tool_error("Grammar and tools are mutually exclusive")
-    if body.tools and body.tool_choice != "none":
-        raise tool_error("tools are not supported yet by textgen")
 
 
 def logit_bias(value: Any, vocab_size: int) -> dict[int, float] | None:

@@ -67,7 +67,8 @@ class AppState:
         limits = Limits.from_config(config, grammar_enabled=not settings.disable_grammar_support)
         metrics = Metrics(config.max_input_tokens, config.max_total_tokens,
                           config.max_batch_total_tokens or config.max_total_tokens, engine.stats)
-        return cls(engine, settings, limits, Validator(engine.tokenizer, limits, settings.validation_workers),
+        grammar = engine_grammar(engine) if limits.grammar_enabled else None
+        return cls(engine, settings, limits, Validator(engine.tokenizer, limits, settings.validation_workers, grammar),
                    GenerationService(engine, config.max_concurrent_requests), metrics)
 
     @property
@@ -91,6 +92,13 @@ class AppState:
         except (ClientDisconnected, asyncio.CancelledError, GeneratorExit):
             self.metrics.failure("dropped")
             raise
+
+
+def engine_grammar(engine: Any) -> Any:
+    """The engine's GrammarManager (created here, at startup, before the engine thread could
+    create its own), or None for an engine without one."""
+    core = getattr(engine, "core", None)
+    return getattr(core, "grammar", None) if core is not None else None
 
 
 def app_state(request: Request) -> AppState:

@@ -176,9 +176,10 @@ def sampling_params(p: GenerateParameters, max_new_tokens: int, grammar: Grammar
 
 
 class Validator:
-    def __init__(self, tokenizer: Any, limits: Limits, workers: int = 2) -> None:
+    def __init__(self, tokenizer: Any, limits: Limits, workers: int = 2, grammar: Any = None) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
+        self.grammar = grammar  # the engine's GrammarManager: one compiler and one cache for both
         self._limiter = anyio.CapacityLimiter(max(1, workers))
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
@@ -208,7 +209,19 @@ class Validator:
             ids = ids[-p.truncate:]
         max_new_tokens = token_budget(len(ids), p.max_new_tokens, self.limits)
         grammar = grammar_spec(p.grammar, self.limits.grammar_enabled)
+        await self.check_grammar(grammar)
         return ValidRequest(inputs, ids, sampling_params(p, max_new_tokens, grammar), p, p.best_of or 1)
+
+    async def check_grammar(self, spec: GrammarSpec | None) -> None:
+        """Step 17's compile check with the engine's own compiler, in a worker thread outside the
+        validation limiter: a large schema compiles for a while and neither the event loop, the
+        engine nor other validations wait for it. The result stays in the engine's cache, so the
+        engine starts the request without compiling again."""
+        if spec is None or self.grammar is None:
+            return
+        reasons = await anyio.to_thread.run_sync(self.grammar.validate, spec)
+        if reasons:
+            raise validation_error(f"grammar is not valid: {reasons[0]}")
 
 
 __all__ = ["ApiError", "Limits", "ValidRequest", "Validator", "check_best_of", "check_parameters",

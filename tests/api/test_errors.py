@@ -133,8 +133,8 @@ def test_openai_errors(server):
     r = httpx.post(url, json={"messages": messages, "top_p": 1.0}, timeout=60)
     assert (r.status_code, r.json()["error_type"]) == (422, "validation")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    r = httpx.post(url, json={"messages": messages, "tools": tools, "stream": True}, timeout=60)
-    assert (r.status_code, r.json()) == (422, {"error": "Tool error: tools are not supported yet by textgen",
+    r = httpx.post(url, json={"messages": messages, "tools": tools, "tool_choice": "g", "stream": True}, timeout=60)
+    assert (r.status_code, r.json()) == (422, {"error": "Tool error: Tool with name g not found",
                                                "error_type": "tool_error"})
     r = httpx.post(url, json={"messages": messages, "tools": tools, "tool_choice": "none", "max_tokens": 1}, timeout=60)
     assert r.status_code == 200
