@@ -44,13 +44,7 @@ TOOLS = [WEATHER, SEARCH]
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The session server's engine runs tiny tensors: intra-op threads only add hand-off cost."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

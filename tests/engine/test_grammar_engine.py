@@ -55,13 +55,7 @@ REGEXES = [r"(yes|no|maybe)", r"[a-z]{2,8}@[a-z]{2,6}\.(com|org|net)", r"\+33 [0
            r"(ab|cd)+x?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors: intra-op threads only add hand-off cost (10x slower on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
