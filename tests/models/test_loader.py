@@ -74,6 +74,33 @@ def test_offline_unknown_hub_id_gives_clear_error(monkeypatch: pytest.MonkeyPatc
     assert resolve_model_path(str(tmp_path)) == tmp_path
 
 
+def _hub_cache_with(model_dir: str, cache: Path, repo_id: str, refs: dict[str, str]) -> None:
+    """The Hugging Face cache layout huggingface_hub reads offline: models--org--name/refs/<ref>
+    holds a commit hash, snapshots/<hash>/ the files (here copies; in a real cache, links to blobs)."""
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    for ref, commit in refs.items():
+        (root / "refs" / ref).write_text(commit)
+        shutil.copytree(model_dir, root / "snapshots" / commit, dirs_exist_ok=True)
+
+
+def test_hub_id_and_revision_load_from_the_offline_cache(monkeypatch: pytest.MonkeyPatch, tiny_llama: str,
+                                                           tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    main, tagged = "a" * 40, "b" * 40
+    _hub_cache_with(tiny_llama, tmp_path, "textgen-tests/tiny-llama", {"main": main, "v1": tagged})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    snapshots = tmp_path / "models--textgen-tests--tiny-llama" / "snapshots"
+    assert resolve_model_path("textgen-tests/tiny-llama") == snapshots / main
+    assert resolve_model_path("textgen-tests/tiny-llama", revision="v1") == snapshots / tagged
+    with pytest.raises(ModelFilesError, match=r"revision v2\).*not in the local Hugging Face cache"):
+        resolve_model_path("textgen-tests/tiny-llama", revision="v2")
+    from_hub, local = _state(_load("textgen-tests/tiny-llama").model), _state(_load(tiny_llama).model)
+    assert from_hub.keys() == local.keys() and all(torch.equal(from_hub[k], local[k]) for k in local)
+
+
 def test_transformers5_config_format_is_read(tiny_llama: str, tmp_path: Path) -> None:
     """config.json with "dtype" and "rope_parameters" (rope_theta inside, no top-level keys)."""
     from tests.models.test_llama_parity import hf_logits
