@@ -6,8 +6,8 @@ prefill chunk (possibly after a cached prefix) or one decode token; both kinds m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +23,9 @@ class AttentionMetadata:
     - block_tables [B, max_blocks] int32: block ids of each request's context, padded with 0.
     - query_lens / context_lens: host-side copies (query lengths, seq_lens) for kernels that
       need Python ints without a device sync.
+    - kernel_plans: per-step scratch of the attention kernel: what it derives from this metadata
+      alone (index tensors, masks) is built by the first layer and reused by all the others,
+      keyed by whatever else it depends on (e.g. the layer's sliding window). Lives one step.
     Invariant: for request i, its query tokens sit at positions
     seq_lens[i] - query_len[i] ... seq_lens[i] - 1 of its context.
     """
@@ -34,6 +37,7 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens: list[int]
     block_size: int
+    kernel_plans: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def num_requests(self) -> int:

@@ -7,11 +7,14 @@ cache[:, s // block_size, s % block_size].
 How a step is computed (no Python loop over tokens):
 1. the new k/v are written at `meta.slot_mapping` through a flat view of the cache;
 2. requests are split into at most two padded groups, decode (one query token) and prefill
-   (several), so a long prefill chunk never pads hundreds of decode rows to its length;
+   (several), so a long prefill chunk never pads hundreds of decode rows to its length; each
+   group's index tensors and boolean mask depend on the step only, so the first layer builds
+   them (`_GroupPlan`, kept in `meta.kernel_plans`) and the other layers reuse them;
 3. each group gathers its context K/V through the block tables into [B, S, Hkv, D], pads its
-   queries into [B, Q, H, D], builds a boolean mask from positions and calls
-   `F.scaled_dot_product_attention` (or the manual path when `logits_soft_cap` is set);
-4. outputs are scattered back to the original token order.
+   queries into [B, Q, H, D] and calls `F.scaled_dot_product_attention` (or the manual path when
+   `logits_soft_cap` is set);
+4. outputs are scattered back to the original token order (a step of decodes only needs no
+   padding and no scatter).
 """
 from __future__ import annotations
 
@@ -26,11 +29,20 @@ from textgen.core.forward_context import AttentionMetadata
 
 
 @dataclass(frozen=True, slots=True)
-class _Group:
-    """Requests attended in one padded batch. `rows` None means every request of the step."""
+class _GroupPlan:
+    """One padded batch of requests and every index tensor its attention needs, built once per
+    step (the first layer) and shared by all layers.
 
-    rows: torch.Tensor | None  # [B] request indices into the step's metadata
-    max_query_len: int
+    `token_idx` [B, Q] picks each padded query slot's token from q (padding repeats a real row);
+    `out_idx` [B * Q] says where each slot's output goes (padding goes to the discard row T). Both
+    are None when the group is the whole step and every request decodes one token: then query slot
+    b is token b, and the output needs no scatter."""
+
+    token_idx: torch.Tensor | None
+    out_idx: torch.Tensor | None
+    mask: torch.Tensor  # [B, 1, Q, S] bool: which context positions each query slot sees
+    blocks: torch.Tensor  # [B * num_blocks] long: the context's block ids, flattened
+    num_rows: int
     max_seq_len: int
 
 
@@ -59,11 +71,26 @@ class TorchPagedAttention(AttentionBackend):
         if _is_single_fresh_prefill(meta) and self.spec.sliding_window is None and self.spec.logits_soft_cap is None:
             out = self._causal_prefill(q, k, v)
             return out.reshape(num_tokens, num_heads * head_size)
+        plans = self._plans(meta, num_tokens, q.device)
+        if plans[0].token_idx is None:  # every request decodes one token
+            out = self._attend(q[:, None], kv_cache, plans[0], meta.block_size)
+            return out.reshape(num_tokens, num_heads * head_size)
         # one extra row absorbs the writes of padded query slots
         out = q.new_empty(num_tokens + 1, num_heads, head_size)
-        for group in _split_groups(meta, q.device):
-            self._attend_group(q, kv_cache, meta, group, out)
+        for plan in plans:
+            result = self._attend(q[plan.token_idx], kv_cache, plan, meta.block_size)
+            out.index_put_((plan.out_idx,), result.reshape(-1, num_heads, head_size))
         return out[:num_tokens].reshape(num_tokens, num_heads * head_size)
+
+    def _plans(self, meta: AttentionMetadata, num_tokens: int, device: torch.device) -> list[_GroupPlan]:
+        """The step's group plans for this layer's sliding window, built by the first layer."""
+        key = (TorchPagedAttention, self.spec.sliding_window)
+        plans = meta.kernel_plans.get(key)
+        if plans is None:
+            plans = [_plan_group(meta, rows, num_tokens, self.spec.sliding_window, device)
+                     for rows in _split_rows(meta)]
+            meta.kernel_plans[key] = plans
+        return plans
 
     def _causal_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One request, no cached prefix: the new k/v are its whole context.
@@ -77,39 +104,24 @@ class TorchPagedAttention(AttentionBackend):
         )
         return out[0].transpose(0, 1)
 
-    def _attend_group(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                      group: _Group, out: torch.Tensor) -> None:
-        starts, query_lens, seq_lens, tables = _group_tensors(meta, group.rows)
-        offsets = torch.arange(group.max_query_len, device=q.device)
-        valid = offsets[None, :] < query_lens[:, None]  # [B, Q]
-        token_idx = torch.where(valid, starts[:, None] + offsets[None, :], q.shape[0])  # [B, Q]
-        padded_q = q[token_idx.clamp(max=q.shape[0] - 1)]  # [B, Q, H, D]
-        keys, values = gather_context(kv_cache, tables, group.max_seq_len, meta.block_size)
-        q_pos = (seq_lens - query_lens)[:, None] + offsets[None, :]
-        mask = self._mask(q_pos, valid, group.max_seq_len)  # [B, Q, S]
-        result = self._sdpa(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
-        out.index_put_((token_idx.reshape(-1),), result.transpose(1, 2).reshape(-1, *out.shape[1:]))
-
-    def _mask(self, q_pos: torch.Tensor, valid: torch.Tensor, max_seq_len: int) -> torch.Tensor:
-        """Query at context position p sees keys at positions (p - window, p]; padded query rows
-        see only position 0 so that no softmax row is empty (their output is discarded)."""
-        kv_pos = torch.arange(max_seq_len, device=q_pos.device)
-        mask = kv_pos[None, None, :] <= q_pos[..., None]
-        if self.spec.sliding_window is not None:
-            mask &= kv_pos[None, None, :] > q_pos[..., None] - self.spec.sliding_window
-        return torch.where(valid[..., None], mask, kv_pos == 0)
+    def _attend(self, padded_q: torch.Tensor, kv_cache: torch.Tensor, plan: _GroupPlan,
+                block_size: int) -> torch.Tensor:
+        """padded_q [B, Q, H, D] -> attention output [B, Q, H, D] over the group's paged context."""
+        keys, values = gather_context(kv_cache, plan, block_size)
+        result = self._sdpa(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), plan.mask)
+        return result.transpose(1, 2)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [B, H, Q, D], k/v [B, Hkv, S, D], mask [B, Q, S] -> [B, H, Q, D]."""
+        """q [B, H, Q, D], k/v [B, Hkv, S, D], mask [B, 1, Q, S] -> [B, H, Q, D]."""
         if self.spec.logits_soft_cap is None:
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask[:, None], scale=self.spec.scale, enable_gqa=q.shape[1] != k.shape[1])
+                q, k, v, attn_mask=mask, scale=self.spec.scale, enable_gqa=q.shape[1] != k.shape[1])
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         cap = self.spec.logits_soft_cap
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.spec.scale
         scores = torch.tanh(scores / cap) * cap
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))
         return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
 
@@ -121,35 +133,58 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
 
 
-def gather_context(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int,
-                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of the first `max_seq_len` context positions: 2 x [B, S, Hkv, D].
+def gather_context(kv_cache: torch.Tensor, plan: _GroupPlan, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the group's first `max_seq_len` context positions: 2 x [B, S, Hkv, D].
 
     `index_select` over the flattened block ids (not advanced indexing, which is about 4x slower
     on CPU for this copy: it is a fifth of a batch-64 decode step)."""
-    num_blocks = min(-(-max_seq_len // block_size), block_tables.shape[1])
-    blocks = block_tables[:, :num_blocks].reshape(-1).to(torch.long)
-    shape = (block_tables.shape[0], num_blocks * block_size, *kv_cache.shape[3:])
-    keys = kv_cache[0].index_select(0, blocks).view(shape)
-    values = kv_cache[1].index_select(0, blocks).view(shape)
-    return keys[:, :max_seq_len], values[:, :max_seq_len]
+    shape = (plan.num_rows, plan.blocks.shape[0] // plan.num_rows * block_size, *kv_cache.shape[3:])
+    keys = kv_cache[0].index_select(0, plan.blocks).view(shape)
+    values = kv_cache[1].index_select(0, plan.blocks).view(shape)
+    return keys[:, : plan.max_seq_len], values[:, : plan.max_seq_len]
 
 
 def _is_single_fresh_prefill(meta: AttentionMetadata) -> bool:
     return meta.num_requests == 1 and meta.query_lens[0] == meta.context_lens[0]
 
 
-def _split_groups(meta: AttentionMetadata, device: torch.device) -> list[_Group]:
-    """Decode requests (one query token) and the rest, each padded only to its own maxima."""
+def _split_rows(meta: AttentionMetadata) -> list[list[int] | None]:
+    """Decode requests (one query token) and the rest, so that each group is padded only to its
+    own maxima (a long prefill chunk never pads hundreds of decode rows). None: every request."""
     decode = [i for i, n in enumerate(meta.query_lens) if n == 1]
     if len(decode) in (0, meta.num_requests):
-        return [_Group(None, meta.max_query_len, meta.max_seq_len)]
-    prefill = [i for i, n in enumerate(meta.query_lens) if n != 1]
-    return [
-        _Group(torch.tensor(rows, device=device), max(meta.query_lens[i] for i in rows),
-               max(meta.context_lens[i] for i in rows))
-        for rows in (decode, prefill)
-    ]
+        return [None]
+    return [decode, [i for i, n in enumerate(meta.query_lens) if n != 1]]
+
+
+def _plan_group(meta: AttentionMetadata, rows: list[int] | None, num_tokens: int, window: int | None,
+                device: torch.device) -> _GroupPlan:
+    query_lens_host = meta.query_lens if rows is None else [meta.query_lens[i] for i in rows]
+    seq_lens_host = meta.context_lens if rows is None else [meta.context_lens[i] for i in rows]
+    max_query_len, max_seq_len = max(query_lens_host), max(seq_lens_host)
+    index = None if rows is None else torch.tensor(rows, device=device)
+    starts, query_lens, seq_lens, tables = _group_tensors(meta, index)
+    offsets = torch.arange(max_query_len, device=device)
+    valid = offsets[None, :] < query_lens[:, None]  # [B, Q]
+    q_pos = (seq_lens - query_lens)[:, None] + offsets[None, :]
+    mask = _mask(q_pos, valid, max_seq_len, window)[:, None]
+    num_blocks = min(-(-max_seq_len // meta.block_size), tables.shape[1])
+    blocks = tables[:, :num_blocks].reshape(-1).to(torch.long)
+    token_idx = out_idx = None
+    if rows is not None or max_query_len > 1:
+        slot_token = torch.where(valid, starts[:, None] + offsets[None, :], num_tokens)  # [B, Q]
+        token_idx, out_idx = slot_token.clamp(max=num_tokens - 1), slot_token.reshape(-1)
+    return _GroupPlan(token_idx, out_idx, mask, blocks, len(query_lens_host), max_seq_len)
+
+
+def _mask(q_pos: torch.Tensor, valid: torch.Tensor, max_seq_len: int, window: int | None) -> torch.Tensor:
+    """[B, Q, S]: a query at context position p sees keys at positions (p - window, p]; padded
+    query slots see only position 0 so that no softmax row is empty (their output is discarded)."""
+    kv_pos = torch.arange(max_seq_len, device=q_pos.device)
+    mask = kv_pos[None, None, :] <= q_pos[..., None]
+    if window is not None:
+        mask &= kv_pos[None, None, :] > q_pos[..., None] - window
+    return torch.where(valid[..., None], mask, kv_pos == 0)
 
 
 def _group_tensors(meta: AttentionMetadata, rows: torch.Tensor | None

@@ -112,6 +112,20 @@ def test_homogeneous_batches(case: dict, window: int | None) -> None:
     torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", [MIXED, dict(cached=[3, 30, 17], query=[1, 1, 1])], ids=["mixed", "all-decode"])
+def test_layers_share_one_step_plan_per_sliding_window(case: dict) -> None:
+    """Layers reuse the plan the first one built for their window, never another window's (a
+    model may alternate full and sliding-window layers over the same step metadata)."""
+    reqs = _Requests(**case, seed=3)
+    q, k, v, meta = reqs.step()
+    for layer in range(2):
+        for window in (None, 4, 2):
+            spec = _spec(window=window)
+            out = TorchPagedAttention(spec).forward(q, k, v, reqs.cache, meta)
+            torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
+    assert sorted(w for _, w in meta.kernel_plans if w is not None) == [2, 4] and len(meta.kernel_plans) == 3
+
+
 def test_token_result_is_independent_of_batch_company() -> None:
     """A request's output rows are identical whether it runs alone or in the mixed batch."""
     mixed = _Requests(**MIXED, seed=2)
