@@ -1,5 +1,15 @@
 """Prometheus metrics with TGI's names (reference §4.1), plus textgen's KV-cache gauges.
 
+Request series are observed by the HTTP layer; the `tgi_batch_*` series by `Metrics.step`, which
+the engine thread calls after every step with a `StepRecord`. A textgen step is one mixed batch
+(decode tokens plus prefill chunks), labelled method="prefill" when it computed prompt tokens and
+"decode" otherwise. TGI's shard timings map to: forward = the model runner (forward, masks,
+sampling); filter = the scheduler update (append, publish KV blocks, stop checks, free finished);
+decode = token events (detokenization, stop strings); concat = a step where prefill work joined
+decoding requests (reason "chunking": continuous batching at token granularity), its duration
+the scheduler's. `tgi_request_skipped_tokens` exists for dashboards and stays empty: textgen does
+no speculative decoding yet.
+
 TGI's exporter writes counters without the `_total` suffix (`tgi_request_count 3`), which
 prometheus-client cannot produce, so counters are kept and rendered here; histograms and gauges
 use prometheus-client directly. Engine gauges are read from `engine.stats()` at scrape time.
@@ -10,13 +20,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, Summary
 from prometheus_client.core import GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from textgen.core.engine.types import StepRecord
 
 DURATION_BUCKETS = tuple(0.0001 * 1.5**k for k in range(1, 36))
 FAILURE_LABELS = ("validation", "overloaded", "incomplete", "generation", "dropped", "template")
+BATCH_METHODS = ("prefill", "decode")
+CONCAT_REASONS = ("backpressure", "chunking", "wait_exceeded")
 
 
 def _linear_buckets(maximum: int) -> tuple[float, ...]:
@@ -112,6 +128,25 @@ class Metrics:
         self.generated = hist("tgi_request_generated_tokens", "Generated tokens", _linear_buckets(max_total_tokens))
         self.max_new_tokens = hist("tgi_request_max_new_tokens", "Requested max_new_tokens",
                                    _linear_buckets(max_total_tokens))
+        Summary("tgi_request_skipped_tokens", "Speculated tokens accepted per step", registry=self.registry)
+        self._declare_batch_series()
+
+    def _declare_batch_series(self) -> None:
+        methods = tuple({"method": m} for m in BATCH_METHODS)
+        self.counters.declare("tgi_batch_inference_count", "Engine steps", methods)
+        self.counters.declare("tgi_batch_inference_success", "Engine steps whose forward succeeded", methods)
+        self.counters.declare("tgi_batch_inference_failure", "Engine steps whose batch forward raised", methods)
+        self.counters.declare("tgi_batch_concat", "Steps where new requests joined a decoding batch",
+                              tuple({"reason": r} for r in CONCAT_REASONS))
+        self.batch_next_size = Histogram("tgi_batch_next_size", "Requests in a step", buckets=tuple(range(1, 1025)),
+                                         registry=self.registry)
+        timed = lambda name, doc: Histogram(name, doc, ["method"], buckets=DURATION_BUCKETS,  # noqa: E731
+                                            registry=self.registry)
+        self.batch_inference = timed("tgi_batch_inference_duration", "Engine step duration (s)")
+        self.batch_forward = timed("tgi_batch_forward_duration", "Model runner duration of a step (s)")
+        self.batch_decode = timed("tgi_batch_decode_duration", "Token event and detokenization duration (s)")
+        self.batch_filter = timed("tgi_batch_filter_duration", "Scheduler update duration of a step (s)")
+        self.batch_concat = timed("tgi_batch_concat_duration", "Scheduling duration of a concatenating step (s)")
 
     def request(self) -> None:
         self.counters.inc("tgi_request_count")
@@ -133,6 +168,20 @@ class Metrics:
         """Recorded at validation, as TGI does, whatever the outcome of the generation."""
         self.input_length.observe(input_length)
         self.max_new_tokens.observe(max_new_tokens)
+
+    def step(self, r: StepRecord) -> None:
+        """One engine step (called on the engine thread)."""
+        method = {"method": r.method}
+        self.counters.inc("tgi_batch_inference_count", method)
+        self.counters.inc("tgi_batch_inference_failure" if r.failed else "tgi_batch_inference_success", method)
+        self.batch_next_size.observe(r.batch_size)
+        self.batch_inference.labels(r.method).observe(r.schedule_s + r.forward_s + r.update_s + r.emit_s)
+        self.batch_forward.labels(r.method).observe(r.forward_s)
+        self.batch_filter.labels(r.method).observe(r.update_s)
+        self.batch_decode.labels(r.method).observe(r.emit_s)
+        if r.concatenated:
+            self.counters.inc("tgi_batch_concat", {"reason": "chunking"})
+            self.batch_concat.labels("decode").observe(r.schedule_s)
 
     def render(self) -> bytes:
         return self.counters.render().encode() + prometheus_client.generate_latest(self.registry)

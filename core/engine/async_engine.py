@@ -12,12 +12,12 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from textgen.core.config import EngineConfig
 from textgen.core.engine.engine_core import EngineCore
-from textgen.core.engine.types import EngineRequest, EngineStats, RequestOutput
+from textgen.core.engine.types import EngineRequest, EngineStats, RequestOutput, StepRecord
 from textgen.core.sampling_params import SamplingParams
 
 log = logging.getLogger("textgen.engine")
@@ -73,6 +73,11 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def add_step_observer(self, observer: Callable[[StepRecord], None]) -> None:
+        """Call `observer(record)` on the engine thread after every step (metrics); it must be
+        quick and thread-safe, and an exception in it is logged, never raised into the engine."""
+        self.core.step_observers.append(observer)
 
     def is_healthy(self) -> bool:
         return self._healthy and self._thread.is_alive()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from textgen.core.engine.model_runner import RowSampling, StepResult
 from textgen.core.engine.request_state import EventBuilder, RequestState, Sink, request_generator
 from textgen.core.engine.setup import build_engine_parts
 from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from textgen.core.engine.types import EngineRequest, EngineStats
+from textgen.core.engine.types import EngineRequest, EngineStats, StepRecord
 from textgen.core.sampling import sampling_param_reasons
 from textgen.core.scheduler import Request
 
@@ -38,6 +39,7 @@ class EngineCore:
         self.pending_grammar: dict[str, RequestState] = {}
         self._grammar: Any = None
         self.last_step_tokens = 0
+        self.step_observers: list[Callable[[StepRecord], None]] = []  # called on the engine thread
 
     # -- requests in ----------------------------------------------------------------------
 
@@ -119,6 +121,7 @@ class EngineCore:
     def step(self) -> bool:
         """Run one engine step; return False when there was nothing to run."""
         self._admit_compiled_grammars()
+        started = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
             return False
@@ -128,10 +131,25 @@ class EngineCore:
             st = self.states.get(s.request.request_id)
             if st is not None and st.first_scheduled is None:
                 st.first_scheduled = now
-        out, result = self._execute_isolated(out)
-        if out.scheduled:
-            self._process(out, result)
+        method, concatenated = _step_method(out), _is_concatenation(out)  # before update() appends
+        scheduled = time.perf_counter()
+        kept, result, failed = self._execute_isolated(out)
+        executed = time.perf_counter()
+        update_s = emit_s = 0.0
+        if kept.scheduled:
+            update_s, emit_s = self._process(kept, result)
+        if self.step_observers:
+            self._observe(StepRecord(
+                method, len(out.scheduled), out.num_scheduled_tokens, concatenated,
+                scheduled - started, executed - scheduled, update_s, emit_s, failed))
         return True
+
+    def _observe(self, record: StepRecord) -> None:
+        for observer in self.step_observers:
+            try:
+                observer(record)
+            except Exception:  # metrics must never stop the engine
+                log.exception("step observer failed")
 
     def _admit_compiled_grammars(self) -> None:
         for rid, st in list(self.pending_grammar.items()):
@@ -145,13 +163,14 @@ class EngineCore:
                 continue
             self._schedule(st)
 
-    def _execute_isolated(self, out: SchedulerOutput) -> tuple[SchedulerOutput, StepResult]:
+    def _execute_isolated(self, out: SchedulerOutput) -> tuple[SchedulerOutput, StepResult, bool]:
+        """(what ran, its result, whether the batch's forward failed as a whole)."""
         try:
-            return out, self._execute(out)
+            return out, self._execute(out), False
         except Exception as exc:
             if len(out.scheduled) == 1:
                 self._fail_scheduled(out.scheduled[0], exc)
-                return replace(out, scheduled=[]), StepResult({}, {})
+                return replace(out, scheduled=[]), StepResult({}, {}), True
         kept, merged = [], StepResult({}, {})
         for s in out.scheduled:  # retry each alone: only the culprits fail
             one = replace(out, scheduled=[s], num_scheduled_tokens=s.num_new_tokens)
@@ -163,7 +182,7 @@ class EngineCore:
             kept.append(s)
             merged.sampled.update(res.sampled)
             merged.prompt_logprobs.update(res.prompt_logprobs)
-        return replace(out, scheduled=kept, num_scheduled_tokens=sum(s.num_new_tokens for s in kept)), merged
+        return replace(out, scheduled=kept, num_scheduled_tokens=sum(s.num_new_tokens for s in kept)), merged, True
 
     def _fail_scheduled(self, s: Any, exc: Exception) -> None:
         log.exception("forward failed for request %s", s.request.request_id, exc_info=exc)
@@ -182,7 +201,9 @@ class EngineCore:
         wanted = {rid for rid in rows if self.states[rid].request.params.prompt_logprobs}
         return self.runner.execute(out, rows, wanted, mask)
 
-    def _process(self, out: SchedulerOutput, result: StepResult) -> None:
+    def _process(self, out: SchedulerOutput, result: StepResult) -> tuple[float, float]:
+        """Apply the step's tokens; returns (scheduler update seconds, event emission seconds)."""
+        started = time.perf_counter()
         starts = {s.request.request_id: s.num_computed_tokens for s in out.scheduled}
         for rid, lps in result.prompt_logprobs.items():
             # entry j scores prompt token j + 1, so a step from position c writes from entry c: a
@@ -197,8 +218,10 @@ class EngineCore:
                 self._fail(st, "the sampled token was rejected by the grammar")
         kept = [s for s in out.scheduled if s.request.request_id in self.states]
         updates = self.scheduler.update(replace(out, scheduled=kept), sampled)
+        updated = time.perf_counter()
         for u in updates:
             self._emit_update(u, result)
+        return updated - started, time.perf_counter() - updated
 
     def _emit_update(self, update: Any, result: StepResult) -> None:
         st = self.states.get(update.request_id)
@@ -230,3 +253,19 @@ class EngineCore:
             prefix_cache_hits=s.prefix_cache_hits, batch_max_tokens=self.last_step_tokens,
             num_kv_blocks=self.scheduler.config.num_blocks, block_size=self.config.block_size,
         )
+
+
+def _is_prefill(s: Any) -> bool:
+    """The request computes KV it has not sampled from yet: its prompt (a chunk of it) or, after a
+    preemption, its prompt and outputs again. A decode computes only its last sampled token."""
+    return s.num_computed_tokens < max(s.request.num_prompt_tokens, s.request.num_tokens - 1)
+
+
+def _step_method(out: SchedulerOutput) -> str:
+    return "prefill" if any(_is_prefill(s) for s in out.scheduled) else "decode"
+
+
+def _is_concatenation(out: SchedulerOutput) -> bool:
+    """Prefill work joined requests that were already decoding (TGI's `chunking` concat)."""
+    prefill = [_is_prefill(s) for s in out.scheduled]
+    return any(prefill) and not all(prefill)

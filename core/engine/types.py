@@ -75,3 +75,28 @@ class EngineStats:
     batch_max_tokens: int  # tokens scheduled in the last step
     num_kv_blocks: int
     block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """What one engine step did and where its time went (seconds), for TGI's `tgi_batch_*`
+    metrics. Passed to every `EngineCore.step_observers` callable on the engine thread.
+
+    - method: "prefill" when the step computed prompt tokens (a chunk, a whole prompt or a prompt
+      recomputed after preemption), else "decode";
+    - concatenated: requests joined a batch that was already decoding (TGI's `chunking` concat);
+    - schedule_s: the scheduler's choice of the step; forward_s: the model runner (inputs,
+      forward, grammar masks, sampling); update_s: appending tokens, publishing KV blocks, stop
+      checks and freeing finished requests; emit_s: token events (detokenization, stop strings);
+    - failed: the batch's first forward raised (its requests were then retried one by one).
+    """
+
+    method: str
+    batch_size: int
+    num_tokens: int
+    concatenated: bool
+    schedule_s: float
+    forward_s: float
+    update_s: float
+    emit_s: float
+    failed: bool

@@ -96,6 +96,23 @@ def test_metrics_names_and_counts(server):
                   "tgi_batch_max_total_tokens", "textgen_kv_cache_usage"):
         metric(after, gauge)
     assert metric(after, "textgen_prefix_cache_hit_rate") > 0
+    # per engine step: one prefill then two decodes for each request (they ran one after the other)
+    steps = {"prefill": 2, "decode": 4}
+    for method, n in steps.items():
+        for name in ("tgi_batch_inference_count", "tgi_batch_inference_success"):
+            key = f'{name}{{method="{method}"}}'
+            assert metric(after, key) == metric(before, key) + n, key
+        for name in ("tgi_batch_inference_duration", "tgi_batch_forward_duration", "tgi_batch_decode_duration",
+                     "tgi_batch_filter_duration"):
+            key = f'{name}_count{{method="{method}"}}'
+            assert metric(after, key) == metric(before, key) + n, key
+    assert metric(after, "tgi_batch_next_size_count") == metric(before, "tgi_batch_next_size_count") + 6
+    assert metric(after, 'tgi_batch_next_size_bucket{le="1.0"}') == \
+        metric(before, 'tgi_batch_next_size_bucket{le="1.0"}') + 6
+    assert len(re.findall(r"^tgi_batch_next_size_bucket", after, re.MULTILINE)) == 1025  # TGI's 1..1024 + Inf
+    assert metric(after, 'tgi_batch_inference_failure{method="decode"}') == 0
+    assert metric(after, 'tgi_batch_concat{reason="chunking"}') == metric(before, 'tgi_batch_concat{reason="chunking"}')
+    assert metric(after, "tgi_request_skipped_tokens_count") == 0
     assert not re.search(r"_total[ {]", after) and "_created" not in after
     assert "# TYPE tgi_request_count counter" in after
 

@@ -133,6 +133,27 @@ def test_metrics_text_uses_tgi_counter_names():
         assert f"\n{line}\n" in text, line
 
 
+def test_step_records_feed_tgi_batch_series():
+    from textgen.api.metrics import Metrics
+    from textgen.core.engine.types import EngineStats, StepRecord
+
+    stats = EngineStats(0, 0, 0.0, 0, 0, 0, 8, 16)
+    m = Metrics(1023, 1024, 2048, lambda: stats)
+    m.step(StepRecord("prefill", 3, 40, True, 0.001, 0.02, 0.002, 0.003, False))
+    m.step(StepRecord("decode", 2, 2, False, 0.001, 0.01, 0.001, 0.001, True))
+    text = m.render().decode()
+    for line in ('tgi_batch_inference_count{method="prefill"} 1.0', 'tgi_batch_inference_success{method="prefill"} 1.0',
+                 'tgi_batch_inference_failure{method="decode"} 1.0', 'tgi_batch_inference_success{method="decode"} 0.0',
+                 'tgi_batch_concat{reason="chunking"} 1.0', 'tgi_batch_concat{reason="backpressure"} 0.0',
+                 'tgi_batch_next_size_bucket{le="2.0"} 1.0', 'tgi_batch_next_size_bucket{le="3.0"} 2.0',
+                 'tgi_batch_forward_duration_sum{method="prefill"} 0.02',
+                 'tgi_batch_inference_duration_sum{method="prefill"} 0.026',
+                 'tgi_batch_filter_duration_sum{method="decode"} 0.001',
+                 'tgi_batch_decode_duration_sum{method="prefill"} 0.003',
+                 'tgi_batch_concat_duration_count{method="decode"} 1.0'):
+        assert f"\n{line}\n" in text, line
+
+
 def test_extra_metrics_listener_and_json_logs():
     import json
     import logging

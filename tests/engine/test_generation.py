@@ -131,3 +131,24 @@ def test_stop_sequence_and_seeded_sampling(llm):
     alone = llm.generate(["import os"], **kw)[0]
     mixed = llm.generate(["x = 1", "import os", "return"], **kw)
     assert mixed[1].token_ids == alone.token_ids
+
+
+def test_step_records_say_prefill_decode_and_concatenation(tiny_llama):
+    """One StepRecord per step: the prompt step is "prefill", then "decode"; a request arriving
+    while another decodes makes a "prefill" step that concatenates."""
+    core = EngineCore(EngineConfig(model_id=tiny_llama, backend="cpu", dtype="float32"))
+    records = []
+    core.step_observers.append(records.append)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    ids = core.tokenizer.encode("def f(x): return x")
+    core.add_request(EngineRequest("a", ids, params), lambda e: None)
+    core.step()
+    core.step()
+    core.add_request(EngineRequest("b", ids[:5], params), lambda e: None)
+    while core.step():
+        pass
+    assert [(r.method, r.batch_size, r.concatenated, r.failed) for r in records] == [
+        ("prefill", 1, False, False), ("decode", 1, False, False), ("prefill", 2, True, False),
+        ("decode", 1, False, False), ("decode", 1, False, False)]
+    assert records[0].num_tokens == len(ids) and records[2].num_tokens == 1 + 5
+    assert all(r.forward_s > 0 and r.update_s >= 0 and r.emit_s >= 0 and r.schedule_s >= 0 for r in records)
