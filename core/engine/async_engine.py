@@ -4,6 +4,13 @@ The event loop never runs a forward pass: requests and aborts are queued to the 
 events come back through `loop.call_soon_threadsafe`. Closing a `generate` iterator before its
 final event (client disconnect, task cancellation) aborts the request; the engine thread applies
 the abort before its next step, which frees the request's KV blocks.
+
+The engine thread also builds the EngineCore (loads the weights, allocates the KV cache), so it is
+the only thread of the process that runs torch's intra-op parallel regions. With libgomp each
+thread that starts parallel regions keeps a team of its own; a second team (the main thread's,
+from loading the model there) makes libgomp throttle its spin-waits to 1,000 rounds, so the
+workers sleep and are woken by futex on every op: decode steps ran 2-2.5x slower on a 2-core
+machine. The HTTP side must therefore never run large torch ops on the event loop thread.
 """
 from __future__ import annotations
 
@@ -24,8 +31,20 @@ log = logging.getLogger("textgen.engine")
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
+    def __init__(self, config: EngineConfig) -> None:
+        self._commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._healthy = True
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(config, ready, failure), name="textgen-engine",
+                                        daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            raise failure[0]
+        core = self.core
         self.config = core.config
         self.tokenizer = core.tokenizer
         self.hf_config = core.runner.hf_config
@@ -34,16 +53,12 @@ class AsyncEngine:
         self.dtype = str(core.runner.dtype)
         self.backend_name = core.backend.name
         self.device = str(core.backend.device)
-        self._commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
-        self._stop = threading.Event()
-        self._healthy = True
-        self._stats = core.stats()
-        self._thread = threading.Thread(target=self._run, name="textgen-engine", daemon=True)
-        self._thread.start()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        return cls(EngineCore(config))
+        """Build the engine on its own thread; raises what building it raised (bad config, a
+        model that cannot load)."""
+        return cls(config)
 
     # -- API used by the HTTP layer -----------------------------------------------------------
 
@@ -98,7 +113,18 @@ class AsyncEngine:
 
     # -- engine thread ------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, config: EngineConfig, ready: threading.Event, failure: list[BaseException]) -> None:
+        try:
+            self.core = EngineCore(config)
+            self._stats = self.core.stats()
+        except BaseException as exc:  # handed to the constructor, which raises it
+            failure.append(exc)
+            return
+        finally:
+            ready.set()
+        self._loop()
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain_commands(block=not self.core.has_work())
             try:
