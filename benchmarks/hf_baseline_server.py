@@ -9,12 +9,17 @@ One `data: {"token": {...}, "generated_text": ..., "details": ...}` event per ge
 from a TextIteratorStreamer that queues every token as it is produced (the stock one holds text
 back until a word ends, which would hide the real inter-token latency). A client that disconnects
 stops its generation at the next token (a StoppingCriteria), so the next request is not delayed.
+
+One long-lived worker thread loads the model and runs every `generate`, as textgen's engine thread
+does: a thread per request (or loading on another thread) would give libgomp several thread teams,
+whose throttled spin-waits make every op on 2 cores up to 2x slower, an unfair handicap.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import queue
 import threading
 from typing import Any, AsyncIterator
 
@@ -54,8 +59,11 @@ class Cancelled(StoppingCriteria):
 class Baseline:
     def __init__(self, model_dir: str, dtype: str) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         self.lock = asyncio.Lock()  # one request at a time
+        self._jobs: queue.SimpleQueue[tuple[dict[str, Any], threading.Event]] = queue.SimpleQueue()
+        loaded = threading.Event()
+        threading.Thread(target=self._worker, args=(model_dir, dtype, loaded), daemon=True).start()
+        loaded.wait()
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
         async with self.lock:
@@ -69,19 +77,32 @@ class Baseline:
             if kwargs["do_sample"]:
                 kwargs.update(temperature=params.get("temperature") or 1.0, top_p=params.get("top_p") or 1.0)
                 if params.get("seed") is not None:
-                    torch.manual_seed(int(params["seed"]))
-            worker = threading.Thread(target=self._generate, args=(kwargs,), daemon=True)
-            worker.start()
+                    kwargs["seed"] = int(params["seed"])
+            done = threading.Event()
+            self._jobs.put((kwargs, done))
             try:
                 async for event in self._events(streamer):
                     yield event
             finally:
                 cancelled.event.set()  # no-op when finished; stops a generation whose client left
-                await asyncio.to_thread(worker.join)
+                await asyncio.to_thread(done.wait)
 
-    def _generate(self, kwargs: dict[str, Any]) -> None:
-        with torch.inference_mode():
-            self.model.generate(**kwargs)
+    def _worker(self, model_dir: str, dtype: str, loaded: threading.Event) -> None:
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        loaded.set()
+        while True:
+            kwargs, done = self._jobs.get()
+            seed = kwargs.pop("seed", None)
+            try:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - end the stream, keep serving
+                print(f"generate failed: {type(exc).__name__}: {exc}", flush=True)
+                kwargs["streamer"].end()
+            finally:
+                done.set()
 
     async def _events(self, streamer: TokenStreamer) -> AsyncIterator[bytes]:
         tokens, text = 0, ""

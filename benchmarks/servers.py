@@ -52,7 +52,8 @@ def hf_spec(model_dir: Path, port: int) -> ServerSpec:
 
 def llama_cpp_spec(python: Path, gguf: Path, port: int, n_ctx: int, threads: int) -> ServerSpec:
     argv = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads)]
+            "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+            "--interrupt_requests", "False"]  # queue concurrent requests (default: a new one aborts the running one)
     return ServerSpec("llama.cpp", argv, port, "openai", "/v1/models")
 
 
@@ -74,6 +75,9 @@ d = sys.argv[1]
 sys.path[:0] = [d, os.path.join(d, "gguf-py")]
 from conversion.base import TextModel
 TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"  # custom BPE vocab: plain byte-level
+def no_spm(self, *args, **kwargs):  # no tokenizer.model here: what the converter finds with sentencepiece
+    raise FileNotFoundError("no sentencepiece model")  # installed, without needing it installed
+TextModel._create_vocab_sentencepiece = no_spm
 sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
 runpy.run_path(os.path.join(d, "convert_hf_to_gguf.py"), run_name="__main__")
 """

@@ -98,10 +98,11 @@ def markdown(report: dict[str, Any]) -> str:
     for s in report["servers"]:
         for lv in s["levels"]:
             rows.append([s["server"], lv["concurrency"], f"{lv['requests_completed']}/{lv['requests_sent']}"
-                         + (" (cut)" if lv["time_limit_hit"] else ""), lv["requests_per_s"], lv["output_tokens_per_s"],
+                         + (" (cut)" if lv["time_limit_hit"] else ""), lv["requests_without_first_token"],
+                         lv["requests_per_s"], lv["output_tokens_per_s"],
                          lv["ttft_ms"]["p50"], lv["ttft_ms"]["p99"], lv["itl_ms"]["p50"], lv["itl_ms"]["p99"]])
-    table = markdown_table(["server", "clients", "done/sent", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
-                            "ITL p50 ms", "ITL p99 ms"], rows)
+    table = markdown_table(["server", "clients", "done/sent", "no 1st token", "req/s", "output tok/s", "TTFT p50 ms",
+                            "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows)
     ratios = ratio_rows(report)
     if ratios:
         table += "\n\n" + markdown_table(["clients", "textgen / transformers", "textgen / llama.cpp"], ratios)
