@@ -126,6 +126,32 @@ def test_layers_share_one_step_plan_per_sliding_window(case: dict) -> None:
     assert sorted(w for _, w in meta.kernel_plans if w is not None) == [2, 4] and len(meta.kernel_plans) == 3
 
 
+def test_length_buckets_cut_where_padding_would_waste_too_much(monkeypatch: pytest.MonkeyPatch) -> None:
+    from textgen.core.layers import paged_attention as pa
+
+    lengths = [900, 40, 60, 880, 50, 600, 45, 590, 870]
+    # longest first; cut before 600 (6 rows x 300 positions saved) and before 60 (4 x 540)
+    assert pa._length_buckets(list(range(9)), lengths) == [[0, 3, 8], [5, 7], [2, 4, 6, 1]]
+    assert pa._length_buckets([1, 2, 4, 6], lengths) == [[1, 2, 4, 6]]  # little waste: one group, step order
+    assert pa._length_buckets([0, 1], lengths) == [[0, 1]]  # 860 positions saved: not worth a group
+    monkeypatch.setattr(pa, "MAX_GROUPS_PER_KIND", 2)
+    assert pa._length_buckets(list(range(9)), lengths) == [[0, 3, 8], [5, 7, 2, 4, 6, 1]]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_bucketed_groups_match_reference(monkeypatch: pytest.MonkeyPatch, window: int | None) -> None:
+    """Decode rows and prefill rows of very different lengths, cut into several buckets each."""
+    from textgen.core.layers import paged_attention as pa
+
+    monkeypatch.setattr(pa, "MIN_PAD_WASTE", 0)
+    reqs = _Requests(cached=[40, 2, 3, 30, 0, 25, 1], query=[1, 1, 1, 1, 9, 2, 12], seed=4)
+    q, k, v, meta = reqs.step()
+    assert len(pa._split_rows(meta)) > 2
+    spec = _spec(window=window)
+    out = TorchPagedAttention(spec).forward(q, k, v, reqs.cache, meta)
+    torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
+
+
 def test_token_result_is_independent_of_batch_company() -> None:
     """A request's output rows are identical whether it runs alone or in the mixed batch."""
     mixed = _Requests(**MIXED, seed=2)
