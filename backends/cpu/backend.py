@@ -7,7 +7,8 @@ import torch
 
 from typing import TYPE_CHECKING
 
-from textgen.core.backend import Backend, MemoryInfo
+from textgen.backends.cpu.host_memory import keep_freed_memory
+from textgen.core.backend import Backend, BackendCandidate, MemoryInfo
 
 if TYPE_CHECKING:
     from textgen.core.config import EngineConfig
@@ -37,6 +38,10 @@ def _cgroup_limit_bytes() -> int | None:
 
 class CPUBackend(Backend):
     name = "cpu"
+
+    def __init__(self, config: EngineConfig | None, candidate: BackendCandidate) -> None:
+        super().__init__(config, candidate)
+        self.allocator = keep_freed_memory()
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +74,8 @@ class CPUBackend(Backend):
 
     def describe(self) -> str:
         threads = torch.get_num_threads()
-        return f"cpu: {self.candidate.reason}, {threads} torch threads, {torch.backends.cpu.get_cpu_capability()}"
+        return (f"cpu: {self.candidate.reason}, {threads} torch threads, {torch.backends.cpu.get_cpu_capability()}, "
+                f"{self.allocator}")
 
 
 def default_num_threads() -> int:

@@ -82,3 +82,39 @@ def test_inferentia_memory_without_a_runtime_report(monkeypatch: pytest.MonkeyPa
     assert backend.memory_info() == MemoryInfo(16 * GiB, 4 * GiB)
     monkeypatch.setenv("TEXTGEN_NEURON_KV_CACHE_GB", "2.5")
     assert backend.memory_info() == MemoryInfo(16 * GiB, int(2.5 * GiB))
+
+
+class _MallInfo2(__import__("ctypes").Structure):
+    _fields_ = [(name, __import__("ctypes").c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _mmapped_bytes() -> int:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().hblkhd
+
+
+@pytest.mark.skipif(__import__("sys").platform != "linux", reason="glibc's mallopt and mallinfo2 are Linux-only")
+def test_cpu_backend_keeps_large_tensors_in_the_heap() -> None:
+    """After the CPU backend starts, a 64 MiB tensor no longer gets an mmap of its own (glibc's
+    default above 32 MiB), so freeing and allocating it again costs no page faults."""
+    from textgen.backends.cpu.backend import CPUBackend
+
+    backend = CPUBackend(None, BackendCandidate("cpu", True, 0, "test", "textgen.backends.cpu.backend:CPUBackend"))
+    assert backend.allocator == "malloc keeps freed memory" and backend.allocator in backend.describe()
+    before = _mmapped_bytes()
+    big = torch.empty(16 << 20, dtype=torch.float32)
+    assert _mmapped_bytes() - before < 1 << 20
+    del big
+
+
+def test_cpu_malloc_tuning_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from textgen.backends.cpu.host_memory import keep_freed_memory
+
+    monkeypatch.setenv("TEXTGEN_CPU_MALLOC_TUNING", "0")
+    assert keep_freed_memory() == "glibc malloc defaults (TEXTGEN_CPU_MALLOC_TUNING=0)"
