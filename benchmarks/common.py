@@ -71,3 +71,22 @@ def describe_machine() -> dict[str, object]:
     from textgen.api.bench import describe_machine as describe
 
     return describe()
+
+
+def speed_probe_ms(repeats: int = 5) -> float:
+    """Best time of a fixed fp32 GEMM workload ([64, 768] x [768, 4096], 20 times): how fast the
+    machine is right now. Shared machines drift by up to 2x over minutes; a report that measures
+    servers one after the other records this next to each so the reader can see the drift."""
+    import time
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 768, generator=gen), torch.randn(4096, 768, generator=gen)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(20):
+            torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3

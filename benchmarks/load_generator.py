@@ -30,6 +30,7 @@ class RequestResult:
     ttft: float | None = None
     itls: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    token_times: list[float] = field(default_factory=list)  # perf_counter of each streamed token event
     done: bool = False
     error: str | None = None
 
@@ -104,6 +105,7 @@ async def _one(session: Any, base_url: str, protocol: str, spec: RequestSpec, re
                 result.itls.append(now - last)
             last = now
             result.output_tokens += n
+            result.token_times += [now] * n
     result.done = True
 
 
@@ -114,11 +116,17 @@ async def run_level(base_url: str, protocol: str, workload: list[RequestSpec], c
 
     queue = list(reversed(workload))
     results: list[RequestResult] = []
+    idle_since: list[float] = []  # when each client found the queue empty
     start = time.perf_counter()
     deadline = start + time_limit
 
     async def client(session: aiohttp.ClientSession) -> None:
-        while queue and time.perf_counter() < deadline:
+        while True:
+            if not queue:
+                idle_since.append(time.perf_counter())
+                return
+            if time.perf_counter() >= deadline:
+                return
             spec = queue.pop()
             result = RequestResult(time.perf_counter())
             results.append(result)
@@ -136,8 +144,21 @@ async def run_level(base_url: str, protocol: str, workload: list[RequestSpec], c
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    elapsed = time.perf_counter() - start
-    return summarize_level(results, concurrency, elapsed, cut=bool(pending))
+    end = time.perf_counter()
+    full_until = min(idle_since, default=end)  # every client had a request in flight until then
+    level = summarize_level(results, concurrency, end - start, cut=bool(pending))
+    level.update(steady_level(results, start, full_until))
+    return level
+
+
+def steady_level(results: list[RequestResult], start: float, full_until: float) -> dict[str, Any]:
+    """Output tokens/s while all clients were busy: from the start until the first client found
+    the workload used up (or the time limit). A finite workload ends with a drain, fewer and
+    fewer requests in flight, which a batching server spends at low occupancy and a one-at-a-time
+    server not at all; this window is the sustained rate under the level's concurrency."""
+    window = full_until - start
+    tokens = sum(start <= t <= full_until for r in results for t in r.token_times)
+    return {"steady_window_s": window, "steady_output_tokens_per_s": tokens / window if window > 0 else None}
 
 
 def summarize_level(results: list[RequestResult], concurrency: int, elapsed: float, cut: bool) -> dict[str, Any]:

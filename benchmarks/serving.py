@@ -11,7 +11,10 @@ streaming clients (benchmarks/load_generator.py) with a seeded chat-like length 
 stopped. Each level sends max(--min-requests, --requests-per-client x concurrency) requests and is
 cut at --time-limit seconds (what was generated until then counts; the report says so).
 Reports TTFT p50/p99, inter-token latency p50/p99, requests/s and output tokens/s as JSON,
-Markdown and a PNG (when matplotlib is installed).
+Markdown and a PNG (when matplotlib is installed). Ratios compare the sustained rate: output
+tokens/s while every client had a request in flight (until the first client found the workload
+used up, or the time limit), since the drain at the end of a finite workload runs a batching
+server at low occupancy and costs a one-at-a-time server nothing.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_never_eos_llama, describe_machine  # noqa: E402
+from common import build_never_eos_llama, describe_machine, speed_probe_ms  # noqa: E402
 from load_generator import RequestSpec, run_level, synthesize_workload  # noqa: E402
 from report import markdown_table, plot, write_json  # noqa: E402
 import servers  # noqa: E402
@@ -81,6 +84,7 @@ def server_specs(args: argparse.Namespace, skipped: dict[str, str]) -> list[serv
 
 def measure(spec: servers.ServerSpec, loads: dict[int, list[RequestSpec]], args: argparse.Namespace) -> dict[str, Any]:
     levels = []
+    probe = speed_probe_ms()
     with servers.running(spec, args.out / "logs"):
         warm = [RequestSpec(loads[min(loads)][0].prompt, 0, 8)] * 2
         asyncio.run(run_level(spec.base_url, spec.protocol, warm, 1, 120.0))
@@ -90,7 +94,8 @@ def measure(spec: servers.ServerSpec, loads: dict[int, list[RequestSpec]], args:
             print(f"    {level['output_tokens_per_s']:.1f} out tok/s, TTFT p50 {level['ttft_ms']['p50']} ms, "
                   f"{level['requests_completed']}/{level['requests_sent']} done, errors {level['errors']}", flush=True)
             levels.append(level)
-    return {"server": spec.name, "protocol": spec.protocol, "command": shlex.join(spec.argv), "levels": levels}
+    return {"server": spec.name, "protocol": spec.protocol, "command": shlex.join(spec.argv), "levels": levels,
+            "speed_probe_ms_before": probe, "speed_probe_ms_after": speed_probe_ms()}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -99,19 +104,28 @@ def markdown(report: dict[str, Any]) -> str:
         for lv in s["levels"]:
             rows.append([s["server"], lv["concurrency"], f"{lv['requests_completed']}/{lv['requests_sent']}"
                          + (" (cut)" if lv["time_limit_hit"] else ""), lv["requests_without_first_token"],
-                         lv["requests_per_s"], lv["output_tokens_per_s"],
+                         lv["requests_per_s"], lv["output_tokens_per_s"], _fmt(lv["steady_output_tokens_per_s"]),
                          lv["ttft_ms"]["p50"], lv["ttft_ms"]["p99"], lv["itl_ms"]["p50"], lv["itl_ms"]["p99"]])
-    table = markdown_table(["server", "clients", "done/sent", "no 1st token", "req/s", "output tok/s", "TTFT p50 ms",
+    table = markdown_table(["server", "clients", "done/sent", "no 1st token", "req/s", "output tok/s",
+                            "sustained tok/s", "TTFT p50 ms",
                             "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows)
     ratios = ratio_rows(report)
     if ratios:
-        table += "\n\n" + markdown_table(["clients", "textgen / transformers", "textgen / llama.cpp"], ratios)
+        table += ("\n\nSustained output tokens/s, ratios:\n\n"
+                  + markdown_table(["clients", "textgen / transformers", "textgen / llama.cpp"], ratios))
+    probes = markdown_table(["server", "speed probe before (ms)", "after (ms)"],
+                            [[s["server"], f"{s['speed_probe_ms_before']:.1f}", f"{s['speed_probe_ms_after']:.1f}"]
+                             for s in report["servers"]])
     skipped = "".join(f"\n\n{name} not measured: {why}" for name, why in report["skipped"].items())
-    return table + skipped
+    return table + "\n\nMachine speed around each server's run (fixed GEMM, lower is faster):\n\n" + probes + skipped
 
 
-def ratio_rows(report: dict[str, Any]) -> list[list[object]]:
-    tput = {s["server"]: {lv["concurrency"]: lv["output_tokens_per_s"] for lv in s["levels"]} for s in report["servers"]}
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def ratio_rows(report: dict[str, Any], key: str = "steady_output_tokens_per_s") -> list[list[object]]:
+    tput = {s["server"]: {lv["concurrency"]: lv[key] for lv in s["levels"]} for s in report["servers"]}
     if "textgen" not in tput:
         return []
     rows = []
@@ -151,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(report)
     (args.out / "serving.md").write_text(text + "\n")
     print(text)
-    panels = [("concurrent clients", "output tokens/s", _series(report, "output_tokens_per_s")),
+    panels = [("concurrent clients", "sustained output tokens/s", _series(report, "steady_output_tokens_per_s")),
               ("concurrent clients", "TTFT p50 (ms)", _series(report, "ttft_ms", "p50"))]
     why = plot(args.out / "serving.png", "serving: ~100M Llama fp32, " + str(report["machine_before"]["cpu"]), panels,
                log_y=[True, True])

@@ -49,6 +49,7 @@ def test_both_servers_answer_the_load_generator_with_the_same_tokens(harness, ti
         assert (level["errors"], level["first_error"], level["time_limit_hit"]) == (0, None, False)
         assert level["requests_sent"] == level["requests_completed"] == 5
         assert level["ttft_ms"]["p50"] > 0 and level["itl_ms"]["p50"] is not None
+        assert 0 < level["steady_window_s"] <= level["elapsed_s"] and level["steady_output_tokens_per_s"] > 0
     # greedy on the same weights: the same tokens, EOS included, so the same count
     assert levels["textgen"]["output_tokens"] == levels["transformers"]["output_tokens"]
     assert 5 <= levels["textgen"]["output_tokens"] <= sum(r.max_new_tokens for r in workload)
