@@ -118,3 +118,16 @@ def test_cpu_malloc_tuning_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setenv("TEXTGEN_CPU_MALLOC_TUNING", "0")
     assert keep_freed_memory() == "glibc malloc defaults (TEXTGEN_CPU_MALLOC_TUNING=0)"
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "expected"), [
+    (True, True, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)])
+def test_cpu_default_dtype_follows_native_bf16(monkeypatch: pytest.MonkeyPatch, amx: bool, avx512_bf16: bool,
+                                               expected: torch.dtype) -> None:
+    from textgen.backends.cpu.backend import CPUBackend
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    backend = CPUBackend(None, BackendCandidate("cpu", True, 0, "test", "textgen.backends.cpu.backend:CPUBackend"))
+    assert backend.default_dtype() == expected
+    assert ("native bf16" in backend.describe()) == (expected == torch.bfloat16)
