@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "textgen-bench-llama-100m"))
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
@@ -71,11 +72,11 @@ def main() -> None:
     from textgen.core import LLM
 
     path = build_random_llama(args.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, args.dtype)).eval()
     params = sum(p.numel() for p in hf.parameters())
-    llm = LLM(str(path), backend="cpu", dtype="float32")
+    llm = LLM(str(path), backend="cpu", dtype=args.dtype)
     gen = torch.Generator().manual_seed(0)
-    print(f"# decode throughput, {params / 1e6:.0f}M-param Llama (random weights), float32, {machine()}")
+    print(f"# decode throughput, {params / 1e6:.0f}M-param Llama (random weights), {args.dtype}, {machine()}")
     print(f"# prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
     print("| batch | transformers tok/s | textgen tok/s | ratio |")
     print("|---:|---:|---:|---:|")

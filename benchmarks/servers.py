@@ -39,14 +39,18 @@ class ServerSpec:
         return f"http://127.0.0.1:{self.port}"
 
 
-def textgen_spec(model_dir: Path, port: int, extra: list[str]) -> ServerSpec:
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def textgen_spec(model_dir: Path, port: int, extra: list[str], dtype: str = "float32") -> ServerSpec:
     argv = [sys.executable, "-m", "textgen.api.cli", "serve", "--model-id", str(model_dir), "--hostname",
-            "127.0.0.1", "--port", str(port), "--dtype", "float32", *extra]
+            "127.0.0.1", "--port", str(port), "--dtype", dtype, *extra]
     return ServerSpec("textgen", argv, port, "tgi", "/health")
 
 
-def hf_spec(model_dir: Path, port: int) -> ServerSpec:
-    argv = [sys.executable, str(HERE / "hf_baseline_server.py"), "--model", str(model_dir), "--port", str(port)]
+def hf_spec(model_dir: Path, port: int, dtype: str = "float32") -> ServerSpec:
+    argv = [sys.executable, str(HERE / "hf_baseline_server.py"), "--model", str(model_dir), "--port", str(port),
+            "--dtype", dtype]
     return ServerSpec("transformers", argv, port, "tgi", "/health")
 
 

@@ -4,7 +4,7 @@ same model, same workload, same run.
     python benchmarks/serving.py [--concurrency 1 8 64] [--servers textgen transformers llama.cpp]
                                  [--time-limit 150] [--out benchmarks/results/serving]
 
-The model is the ~100M-parameter random Llama of benchmarks/common.py (float32) with its EOS row
+The model is the ~100M-parameter random Llama of benchmarks/common.py (--dtype, float32 by default) with its EOS row
 zeroed so that every request generates exactly its max_new_tokens. Each server is started on a
 127.0.0.1 port, warmed up with two short requests, driven at each concurrency level by closed-loop
 streaming clients (benchmarks/load_generator.py) with a seeded chat-like length distribution, and
@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--input-median", type=int, default=128, help="median prompt length in tokens")
     ap.add_argument("--output-median", type=int, default=128, help="median output length in tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=sorted(servers.GGUF_TYPES),
+                    help="weights and compute of every server (the GGUF file for llama.cpp); bfloat16 is "
+                         "fast only where the CPU has AMX or AVX512-BF16")
     ap.add_argument("--port", type=int, default=18080, help="first of the ports used (one per server)")
     ap.add_argument("--textgen-args", default="", help="extra `textgen serve` flags, e.g. '--max-batch-prefill-tokens 1024'")
     ap.add_argument("--model-dir", type=Path, default=TMP / "textgen-serving-llama-100m")
@@ -69,15 +72,17 @@ def server_specs(args: argparse.Namespace, skipped: dict[str, str]) -> list[serv
     for i, name in enumerate(args.servers):
         port = args.port + i
         if name == "textgen":
-            specs.append(servers.textgen_spec(args.model_dir, port, shlex.split(args.textgen_args)))
+            specs.append(servers.textgen_spec(args.model_dir, port, shlex.split(args.textgen_args), args.dtype))
         elif name == "transformers":
-            specs.append(servers.hf_spec(args.model_dir, port))
+            specs.append(servers.hf_spec(args.model_dir, port, args.dtype))
         else:
             problem = servers.llama_cpp_problem(args.llama_cpp_python, args.llama_cpp_dir)
             if problem:
                 skipped[name] = problem
                 continue
-            gguf = servers.convert_to_gguf(args.model_dir, args.llama_cpp_dir, args.model_dir / "model-f32.gguf")
+            outtype = servers.GGUF_TYPES[args.dtype]
+            gguf = servers.convert_to_gguf(args.model_dir, args.llama_cpp_dir, args.model_dir / f"model-{outtype}.gguf",
+                                           outtype)
             specs.append(servers.llama_cpp_spec(args.llama_cpp_python, gguf, port, n_ctx=4096, threads=os.cpu_count() or 2))
     return specs
 
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     panels = [("concurrent clients", "sustained output tokens/s", _series(report, "steady_output_tokens_per_s")),
               ("concurrent clients", "TTFT p50 (ms)", _series(report, "ttft_ms", "p50"))]
-    why = plot(args.out / "serving.png", "serving: ~100M Llama fp32, " + str(report["machine_before"]["cpu"]), panels,
+    why = plot(args.out / "serving.png", f"serving: ~100M Llama {args.dtype}, " + str(report["machine_before"]["cpu"]), panels,
                log_y=[True, True])
     print(why or f"wrote {args.out / 'serving.png'}")
 
