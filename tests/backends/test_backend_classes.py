@@ -2,6 +2,9 @@
 memory reports, with the device facts (capability, architecture, runtime report) given."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -84,22 +87,19 @@ def test_inferentia_memory_without_a_runtime_report(monkeypatch: pytest.MonkeyPa
     assert backend.memory_info() == MemoryInfo(16 * GiB, int(2.5 * GiB))
 
 
-class _MallInfo2(__import__("ctypes").Structure):
-    _fields_ = [(name, __import__("ctypes").c_size_t) for name in
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
                  "keepcost")]
 
 
 def _mmapped_bytes() -> int:
-    import ctypes
-    import ctypes.util
-
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.mallinfo2.restype = _MallInfo2
     return libc.mallinfo2().hblkhd
 
 
-@pytest.mark.skipif(__import__("sys").platform != "linux", reason="glibc's mallopt and mallinfo2 are Linux-only")
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt and mallinfo2 are Linux-only")
 def test_cpu_backend_keeps_large_tensors_in_the_heap() -> None:
     """After the CPU backend starts, a 64 MiB tensor no longer gets an mmap of its own (glibc's
     default above 32 MiB), so freeing and allocating it again costs no page faults."""
