@@ -69,12 +69,9 @@ def describe_machine() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    from textgen.backends.cpu.backend import native_bf16
-
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
-            "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_average": [round(x, 2) for x in load], "python": platform.python_version()}
 

@@ -67,10 +67,12 @@ def build_never_eos_llama(out: str | os.PathLike, base: str | os.PathLike) -> Pa
 
 
 def describe_machine() -> dict[str, object]:
-    """The machine description every benchmark report carries (CPU, cores, torch, load average)."""
+    """The machine description every benchmark report carries (CPU, cores, torch, load average,
+    whether the CPU multiplies bfloat16 natively)."""
     from textgen.api.bench import describe_machine as describe
+    from textgen.backends.cpu.backend import native_bf16
 
-    return describe()
+    return {**describe(), "native_bf16": native_bf16()}
 
 
 def speed_probe_ms(repeats: int = 5) -> float:

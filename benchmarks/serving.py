@@ -109,7 +109,7 @@ def markdown(report: dict[str, Any]) -> str:
         for lv in s["levels"]:
             rows.append([s["server"], lv["concurrency"], f"{lv['requests_completed']}/{lv['requests_sent']}"
                          + (" (cut)" if lv["time_limit_hit"] else ""), lv["requests_without_first_token"],
-                         lv["requests_per_s"], lv["output_tokens_per_s"], _fmt(lv["steady_output_tokens_per_s"]),
+                         lv["requests_per_s"], lv["output_tokens_per_s"], lv["steady_output_tokens_per_s"],
                          lv["ttft_ms"]["p50"], lv["ttft_ms"]["p99"], lv["itl_ms"]["p50"], lv["itl_ms"]["p99"]])
     table = markdown_table(["server", "clients", "done/sent", "no 1st token", "req/s", "output tok/s",
                             "sustained tok/s", "TTFT p50 ms",
@@ -123,10 +123,6 @@ def markdown(report: dict[str, Any]) -> str:
                              for s in report["servers"]])
     skipped = "".join(f"\n\n{name} not measured: {why}" for name, why in report["skipped"].items())
     return table + "\n\nMachine speed around each server's run (fixed GEMM, lower is faster):\n\n" + probes + skipped
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
 
 
 def ratio_rows(report: dict[str, Any], key: str = "steady_output_tokens_per_s") -> list[list[object]]:

@@ -131,7 +131,7 @@ class EngineCore:
             st = self.states.get(s.request.request_id)
             if st is not None and st.first_scheduled is None:
                 st.first_scheduled = now
-        method, concatenated = _step_method(out), _is_concatenation(out)  # before update() appends
+        method, concatenated = _step_kind(out)  # before update() appends the sampled tokens
         scheduled = time.perf_counter()
         kept, result, failed = self._execute_isolated(out)
         executed = time.perf_counter()
@@ -261,11 +261,8 @@ def _is_prefill(s: Any) -> bool:
     return s.num_computed_tokens < max(s.request.num_prompt_tokens, s.request.num_tokens - 1)
 
 
-def _step_method(out: SchedulerOutput) -> str:
-    return "prefill" if any(_is_prefill(s) for s in out.scheduled) else "decode"
-
-
-def _is_concatenation(out: SchedulerOutput) -> bool:
-    """Prefill work joined requests that were already decoding (TGI's `chunking` concat)."""
+def _step_kind(out: SchedulerOutput) -> tuple[str, bool]:
+    """(method, concatenated): "prefill" when any request computes prompt KV, else "decode"; a
+    concatenation when prefill work joined requests that were already decoding (TGI's `chunking`)."""
     prefill = [_is_prefill(s) for s in out.scheduled]
-    return any(prefill) and not all(prefill)
+    return ("prefill" if any(prefill) else "decode"), any(prefill) and not all(prefill)
