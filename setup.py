@@ -1,11 +1,11 @@
 """Maps the repository folders to the `textgen.*` import packages.
 
-core/ -> textgen.core, api/ -> textgen.api, backends/ -> textgen.backends, demo/ -> textgen.demo.
+core/ -> textgen.core, api/ -> textgen.api, backends/ -> textgen.backends, demo/ -> textgen.demo, testing/ -> textgen.testing.
 Sub-packages are found automatically so new modules need no edit here.
 """
 from setuptools import find_packages, setup
 
-ROOTS = ("core", "api", "backends", "demo")
+ROOTS = ("core", "api", "backends", "demo", "testing")
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:

@@ -87,6 +87,8 @@ def engine_config(o: Mapping[str, Any], args: argparse.Namespace) -> Any:
         model_id=o["model_id"], revision=o["revision"], dtype=o["dtype"] or "auto", quantize=o["quantize"],
         trust_remote_code=o["trust_remote_code"], backend=o["backend"], num_shard=o["num_shard"] or 1,
         block_size=o["block_size"], enable_prefix_caching=o["prefix_caching"], num_kv_blocks=o["num_kv_blocks"],
+        attention_backend=o["attention_backend"], kv_cache_dtype=o["kv_cache_dtype"] or "auto",
+        graph_batch_sizes=o["cuda_graphs"], memory_fraction=o["cuda_memory_fraction"],
         max_concurrent_requests=o["max_concurrent_requests"], max_best_of=o["max_best_of"],
         max_stop_sequences=o["max_stop_sequences"], max_top_n_tokens=o["max_top_n_tokens"],
         max_input_tokens=o["max_input_tokens"] if o["max_input_tokens"] is not None else o["max_input_length"],

@@ -15,6 +15,7 @@ from typing import Any
 QUANTIZE_METHODS = ("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
                     "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("fp8_e4m3fn", "fp8_e5m2")
 
 
 class FlagError(ValueError):
@@ -28,6 +29,14 @@ def parse_bool(text: str) -> bool:
     if value in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """TGI's --cuda-graphs: "1,2,4" -> (1, 2, 4); "0" -> () (graph mode off)."""
+    sizes = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    if any(size < 0 for size in sizes):
+        raise ValueError("batch sizes must be >= 0")
+    return tuple(sorted(set(s for s in sizes if s > 0)))
 
 
 def _default_model_id() -> str | None:
@@ -87,7 +96,17 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max-client-batch-size", "MAX_CLIENT_BATCH_SIZE", int, 4, "most prompts in one /v1/completions request"),
     Flag("payload-limit", "PAYLOAD_LIMIT", int, 2_000_000, "largest request body in bytes (413 above)"),
     Flag("backend", "TEXTGEN_BACKEND", str, None, "force a backend plugin (see `textgen backends`)"),
-    Flag("block-size", "BLOCK_SIZE", int, 16, "tokens per KV cache block"),
+    Flag("block-size", "BLOCK_SIZE", int, None, "tokens per KV cache block (default: the attention kernel's preferred size)"),
+    Flag("attention-backend", "TEXTGEN_ATTENTION_BACKEND", str, None,
+         "force an attention kernel by name (startup lists the offered ones and why each was not used)"),
+    Flag("kv-cache-dtype", "KV_CACHE_DTYPE", str, None, "store the KV cache in fp8 (compute stays in --dtype)",
+         choices=KV_CACHE_DTYPES),
+    Flag("cuda-graphs", "CUDA_GRAPHS", parse_batch_sizes, None,
+         "decode batch sizes run as captured/compiled graphs, comma-separated; 0 disables "
+         "(default: the backend's; CUDA 1,2,4,8,16,32, CPU off)"),
+    Flag("cuda-memory-fraction", "CUDA_MEMORY_FRACTION", float, None,
+         "fraction of device memory textgen may use; the KV cache gets what the profile run leaves "
+         "(default 1.0 on accelerators; on CPU unset keeps the 4 GiB / TEXTGEN_CPU_KV_CACHE_GB cap)"),
     Flag("num-kv-blocks", "NUM_KV_BLOCKS", int, None, "KV cache blocks (default: from memory)"),
     Flag("prefix-caching", "PREFIX_CACHING", parse_bool, True, "reuse the KV cache of shared prompt prefixes (true/false)"),
     Flag("log-level", "LOG_LEVEL", str, "info", "debug, info, warning or error"),

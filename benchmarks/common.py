@@ -18,7 +18,7 @@ def build_random_llama(out: str | os.PathLike, vocab_size: int = 8192, **overrid
     import transformers
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.tiny_models import make_tokenizer
+    from textgen.testing.tiny_models import make_tokenizer
 
     out = Path(out)
     if (out / "model.safetensors").exists():

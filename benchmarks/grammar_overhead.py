@@ -125,7 +125,7 @@ def paired_steps(plain: Run, constrained: Run, prompts: list[list[int]], steps: 
 
 def model_path(name: str, root: Path) -> Path:
     if name == "tiny":
-        from tests.tiny_models import make_tiny_model
+        from textgen.testing.tiny_models import make_tiny_model
 
         path = root / "textgen-bench-tiny-llama"
         return path if (path / "model.safetensors").exists() else make_tiny_model(path)

@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     import torch
 
     from textgen.core.config import EngineConfig
+    from textgen.core.distributed import Communicator
+    from textgen.core.graphs import GraphRunner
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,28 +40,45 @@ class BackendCandidate:
 
 @dataclass(frozen=True, slots=True)
 class MemoryInfo:
-    """Device memory in bytes. `available_bytes` is what the KV cache may take after the weights."""
+    """Device memory in bytes: the device's total and what is free right now."""
 
     total_bytes: int
     available_bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryProfile:
+    """What the profile run measured, for KV cache sizing (see `Backend.kv_cache_budget_bytes`).
+
+    `free_bytes`/`total_bytes`: the device after the weights were loaded, before the profile run;
+    `peak_bytes`: the most memory the profile run (a forward at max_batch_prefill_tokens plus the
+    sampler at max_batch_size) held above what was allocated before it; None when the backend
+    cannot measure it."""
+
+    total_bytes: int
+    free_bytes: int
+    peak_bytes: int | None
+
+
 class Backend(ABC):
     """One accelerator. Instantiated once, after selection, with the engine config.
 
-    Contract for vendors:
-    - `device` is the torch device that model weights, activations and the KV cache live on.
-    - `supported_dtypes` lists compute dtypes; `default_dtype` is used for `--dtype auto`.
-    - `memory_info` reports current total and free memory on the device; the engine sizes the KV
-      cache from it after loading the weights.
-    - `allocate_kv_cache` allocates one tensor per layer in the shape the chosen AttentionBackend
-      asks for (its `kv_cache_shape`).
-    - `distributed_backend` names the torch.distributed backend for tensor parallelism.
-    - `model_runner_class` may point to a subclass of the core ModelRunner (e.g. to add graph
-      capture); it must not change scheduling semantics.
+    Contract for vendors (what core calls, in startup order):
+    - `device`: the torch device that weights, activations and the KV cache live on;
+      `supported_dtypes` / `default_dtype` (`--dtype auto`).
+    - `memory_info()` before and `reset_peak_memory()` / `peak_memory_bytes()` around the profile
+      run; `kv_cache_budget_bytes(config, profile)` turns them into the KV cache's bytes.
+    - `allocate_kv_cache(shape, dtype, num_layers)` in the chosen kernel's `kv_cache_shape`.
+    - `graph_runner(config)`: the graph rule for decode steps (None: always eager).
+    - `inference_mode()`: the context every forward runs under.
+    - `pin_memory`: whether host staging buffers are pinned (async host-to-device copies).
+    - `communicator(group)`: collectives for tensor parallelism (`distributed_backend` names the
+      torch.distributed backend the process group is created with).
+    - `synchronize()`: wait for queued device work (timing, profiling).
     """
 
     name: ClassVar[str]
+    pin_memory: ClassVar[bool] = False
 
     def __init__(self, config: EngineConfig | None, candidate: BackendCandidate) -> None:
         self.config = config
@@ -80,13 +101,25 @@ class Backend(ABC):
     def memory_info(self) -> MemoryInfo:
         """Total and currently available device memory in bytes."""
 
-    def distributed_backend(self) -> str:
-        return "gloo"
+    def wants_memory_profile(self, config: EngineConfig) -> bool:
+        """Whether startup runs the profile step (the default rule needs its peak)."""
+        return True
 
-    def kv_cache_budget_bytes(self, config: EngineConfig) -> int:
-        """Bytes the KV cache may take, measured after the weights are loaded."""
-        fraction = config.kv_cache_memory_fraction if config is not None else 0.9
-        return int(self.memory_info().available_bytes * fraction)
+    def reset_peak_memory(self) -> None:
+        """Start measuring the peak for `peak_memory_bytes` (no-op when the device cannot)."""
+
+    def peak_memory_bytes(self) -> int | None:
+        """Bytes allocated at the peak since `reset_peak_memory`, above what was allocated at the
+        reset; None when the device cannot tell (the budget then ignores activations)."""
+        return None
+
+    def kv_cache_budget_bytes(self, config: EngineConfig, profile: MemoryProfile) -> int:
+        """Bytes the KV cache may take: what `--cuda-memory-fraction` of the device leaves after
+        the weights, everything else on the device and the profiled activation peak (TGI's and
+        vLLM's rule): free - total * (1 - fraction) - peak."""
+        fraction = 1.0 if config.memory_fraction is None else config.memory_fraction
+        reserved = int(profile.total_bytes * (1.0 - fraction))
+        return max(0, profile.free_bytes - reserved - (profile.peak_bytes or 0))
 
     def allocate_kv_cache(
         self, shape: tuple[int, ...], dtype: torch.dtype, num_layers: int
@@ -95,8 +128,24 @@ class Backend(ABC):
 
         return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
 
-    def model_runner_class(self) -> str:
-        return "textgen.core.engine.model_runner:ModelRunner"
+    def graph_runner(self, config: EngineConfig) -> GraphRunner | None:
+        """The object that captures or compiles decode steps for `config.graph_batch_sizes`; None
+        keeps every step eager."""
+        return None
+
+    def inference_mode(self) -> AbstractContextManager[object]:
+        import torch
+
+        return torch.inference_mode()
+
+    def distributed_backend(self) -> str:
+        return "gloo"
+
+    def communicator(self, group: object = None) -> Communicator:
+        """Collectives over `group` (None: the default process group) for this device."""
+        from textgen.core.distributed import TorchDistributedCommunicator
+
+        return TorchDistributedCommunicator(self.distributed_backend(), group)
 
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on synchronous devices)."""

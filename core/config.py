@@ -24,10 +24,12 @@ class EngineConfig:
     num_shard: int = 1
     seed: int = 0
 
-    block_size: int = 16
+    block_size: int | None = None  # None: the chosen attention kernel's preferred size (negotiated)
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3fn | fp8_e5m2
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None  # override the memory-derived KV cache size
-    kv_cache_memory_fraction: float = 0.9  # of the memory left after weights
+    memory_fraction: float | None = None  # --cuda-memory-fraction; None: the backend's default rule
+    graph_batch_sizes: tuple[int, ...] | None = None  # --cuda-graphs; None: the backend's default, (): eager
 
     max_concurrent_requests: int = 128
     max_best_of: int = 2

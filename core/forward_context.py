@@ -6,8 +6,8 @@ prefill chunk (possibly after a cached prefix) or one decode token; both kinds m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -20,14 +20,13 @@ class AttentionMetadata:
     - slot_mapping [T] int64: flat KV slot of every query token (block_id * block_size + offset).
     - query_start_loc [B+1] int32: prefix sums of query lengths.
     - seq_lens [B] int32: context length of each request *after* this step (cached + new).
-    - block_tables [B, max_blocks] int32: block ids of each request's context, padded with 0.
+    - block_tables [B, max_blocks] int32: block ids of each request's context; entries past a
+      request's last block are unspecified (kernels read only what seq_lens covers).
     - query_lens / context_lens: host-side copies (query lengths, seq_lens) for kernels that
       need Python ints without a device sync.
-    - kernel_plans: per-step scratch of the attention kernel: what it derives from this metadata
-      alone (index tensors, masks) is built by the first layer and reused by all the others,
-      keyed by whatever else it depends on (e.g. the layer's sliding window). Lives one step.
     Invariant: for request i, its query tokens sit at positions
     seq_lens[i] - query_len[i] ... seq_lens[i] - 1 of its context.
+    A kernel's metadata builder may return a subclass carrying more (see `AttentionMetadataBuilder`).
     """
 
     slot_mapping: torch.Tensor
@@ -37,7 +36,6 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens: list[int]
     block_size: int
-    kernel_plans: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def num_requests(self) -> int:
@@ -50,6 +48,30 @@ class AttentionMetadata:
     @property
     def max_seq_len(self) -> int:
         return max(self.context_lens, default=0)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.query_lens)
+
+
+@dataclass(slots=True)
+class StepTensors:
+    """The step's common inputs, as views of the runner's persistent buffers (allocated once at
+    startup, rewritten each step), plus their host-side lengths."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    query_lens: list[int]
+    context_lens: list[int]
+    block_size: int
+
+    def attention_metadata(self) -> AttentionMetadata:
+        return AttentionMetadata(self.slot_mapping, self.query_start_loc, self.seq_lens, self.block_tables,
+                                 self.query_lens, self.context_lens, self.block_size)
 
 
 @dataclass(slots=True)

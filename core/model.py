@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 if TYPE_CHECKING:
+    from textgen.core.attention import AttentionSpec
     from textgen.core.forward_context import ForwardContext
+    from textgen.core.layers.attention import Attention
 
 
 class Model(ABC, torch.nn.Module):
@@ -20,8 +22,19 @@ class Model(ABC, torch.nn.Module):
       sampler's dtype), only for the rows that are sampled.
     - `load_weights(iterable of (hf_name, tensor))` consumes checkpoint tensors by their Hugging
       Face names; each parameter's own `weight_loader` shards/fuses it.
-    - `num_attention_layers` and `attention_spec(i)`-level facts come from the config.
+    - every attention layer is a `textgen.core.layers.attention.Attention` built with its own
+      `AttentionSpec` (per-layer window, soft-cap, ALiBi) and `layer_idx` 0..N-1; the engine reads
+      them through `attention_layers()` to negotiate the kernel and size the cache, then binds it.
     """
+
+    def attention_layers(self) -> list[Attention]:
+        from textgen.core.layers.attention import attention_layers
+
+        return attention_layers(self)
+
+    def attention_specs(self) -> list[AttentionSpec]:
+        """Each attention layer's spec, in layer order (completed once the kernel is bound)."""
+        return [layer.spec for layer in self.attention_layers()]
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

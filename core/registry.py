@@ -29,19 +29,3 @@ def load_class(class_path: str) -> Any:
     if not sep:
         module_name, _, attr = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), attr)
-
-
-def choose_attention_backend(infos: list[AttentionBackendInfo], spec: Any) -> type:
-    """Pick the highest-priority attention class whose `check(spec)` returns no reasons.
-
-    Raises ValueError listing every rejected kernel with its reasons when none fits.
-    """
-    rejected: list[str] = []
-    for info in sorted(infos, key=lambda i: -i.priority):
-        cls = load_class(info.class_path)
-        reasons = cls.check(spec)
-        if not reasons:
-            return cls
-        rejected.append(f"{info.name}: {'; '.join(reasons)}")
-    detail = "\n  ".join(rejected) or "no attention backend was offered by the selected backend"
-    raise ValueError(f"no attention backend can run this model:\n  {detail}")

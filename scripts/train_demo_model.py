@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
-# Same turn format as the tiny test models (tests/tiny_models.py), plus OpenAI-style content parts
+# Same turn format as the tiny test models (textgen.testing.tiny_models), plus OpenAI-style content parts
 # (a list of {"type": "text", "text": ...}) so multi-part user messages render as their text.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
     """Returns build(arch="llama", **overrides) -> path; identical requests share one folder."""
-    from tests.tiny_models import make_tiny_model
+    from textgen.testing.tiny_models import make_tiny_model
 
     cache: dict[str, str] = {}
 

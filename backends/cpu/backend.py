@@ -2,21 +2,33 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from typing import TYPE_CHECKING
-
 from textgen.backends.cpu.host_memory import keep_freed_memory
-from textgen.core.backend import Backend, BackendCandidate, MemoryInfo
+from textgen.core.backend import Backend, BackendCandidate, MemoryInfo, MemoryProfile
 
 if TYPE_CHECKING:
     from textgen.core.config import EngineConfig
+    from textgen.core.graphs import GraphRunner
 
 
 def _meminfo_bytes(key: str) -> int | None:
     try:
         with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _status_bytes(key: str) -> int | None:
+    """A kB field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    try:
+        with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
@@ -67,11 +79,35 @@ class CPUBackend(Backend):
     def distributed_backend(self) -> str:
         return "gloo"
 
-    def kv_cache_budget_bytes(self, config: EngineConfig) -> int:
-        """Host memory is shared with everything else: cap the KV cache at TEXTGEN_CPU_KV_CACHE_GB
-        (default 4 GiB, as vLLM's CPU backend does) and at the configured fraction of free memory."""
+    def wants_memory_profile(self, config: EngineConfig) -> bool:
+        return config.memory_fraction is not None
+
+    def kv_cache_budget_bytes(self, config: EngineConfig, profile: MemoryProfile) -> int:
+        """Host memory is shared with everything else: unless `--cuda-memory-fraction` is given
+        (then the profiled rule of every backend applies), cap the KV cache at
+        TEXTGEN_CPU_KV_CACHE_GB (default 4 GiB, as vLLM's CPU backend does) and 90% of free memory."""
+        if config.memory_fraction is not None:
+            return super().kv_cache_budget_bytes(config, profile)
         cap = int(float(os.environ.get("TEXTGEN_CPU_KV_CACHE_GB", "4")) * 2**30)
-        return min(cap, super().kv_cache_budget_bytes(config))
+        return min(cap, int(profile.free_bytes * 0.9))
+
+    def reset_peak_memory(self) -> None:
+        """Linux resets the resident-set peak (VmHWM) when "5" is written to clear_refs."""
+        self._rss_at_reset = _status_bytes("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self._rss_at_reset = None
+
+    def peak_memory_bytes(self) -> int | None:
+        peak, base = _status_bytes("VmHWM"), getattr(self, "_rss_at_reset", None)
+        return None if peak is None or base is None else max(0, peak - base)
+
+    def graph_runner(self, config: EngineConfig) -> GraphRunner | None:
+        from textgen.backends.cpu.graphs import CPUCompiledDecode
+
+        return CPUCompiledDecode()
 
     def describe(self) -> str:
         threads = torch.get_num_threads()

@@ -7,17 +7,19 @@ the AttentionBackend contract (query token j of request i sees context positions
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
 import torch
 
-from textgen.core.attention import AttentionBackend, AttentionSpec
+from textgen.core.attention import AttentionBackend, AttentionMetadataBuilder, AttentionSpec, StepLimits
+from textgen.core.forward_context import AttentionMetadata
 from textgen.core.layers.paged_attention import write_kv
 
 if TYPE_CHECKING:
-    from textgen.core.forward_context import AttentionMetadata
+    from textgen.core.forward_context import StepTensors
 
 MIN_VERSION = (2, 5, 7)  # block_table in flash_attn_varlen_func (Dao-AILab/flash-attention#831)
 SOFTCAP_MIN_VERSION = (2, 6, 0)
@@ -60,13 +62,6 @@ def _spec_reasons(spec: AttentionSpec) -> list[str]:
         reasons.append(f"dtype {spec.dtype} is not supported (flash-attn computes in float16 or bfloat16)")
     if spec.head_size % 8 or spec.head_size > MAX_HEAD_SIZE:
         reasons.append(f"head_size {spec.head_size} is unsupported (flash-attn needs a multiple of 8, at most 256)")
-    if spec.block_size % PAGE_MULTIPLE:
-        reasons.append(
-            f"block_size {spec.block_size} is not a multiple of {PAGE_MULTIPLE} "
-            f"(flash-attn's paged KV cache; use --block-size {PAGE_MULTIPLE})"
-        )
-    if spec.num_heads % spec.num_kv_heads:
-        reasons.append(f"{spec.num_heads} query heads are not a multiple of {spec.num_kv_heads} KV heads")
     return reasons
 
 
@@ -79,12 +74,37 @@ def _device_reasons() -> list[str]:
     return []
 
 
+@dataclass(slots=True)
+class FlashAttentionMetadata(AttentionMetadata):
+    cu_seqlens_k: torch.Tensor | None = None  # [B+1] int32: prefix sums of seq_lens
+
+
+class FlashAttentionMetadataBuilder(AttentionMetadataBuilder):
+    """cu_seqlens_k once per step (not per layer), into a buffer allocated at startup."""
+
+    def __init__(self, kernel_cls: type[AttentionBackend], specs: list[AttentionSpec], limits: StepLimits,
+                 device: torch.device) -> None:
+        super().__init__(kernel_cls, specs, limits, device)
+        self._cu_seqlens_k = torch.zeros(limits.max_num_requests + 1, dtype=torch.int32, device=device)
+
+    def build(self, step: StepTensors) -> FlashAttentionMetadata:
+        num = len(step.query_lens)
+        cu = self._cu_seqlens_k[: num + 1]
+        torch.cumsum(step.seq_lens, 0, dtype=torch.int32, out=cu[1:])
+        base = step.attention_metadata()
+        return FlashAttentionMetadata(base.slot_mapping, base.query_start_loc, base.seq_lens, base.block_tables,
+                                      base.query_lens, base.context_lens, base.block_size, cu)
+
+
 class FlashAttentionPaged(AttentionBackend):
     """KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_size] (K then V),
     the layout of TorchPagedAttention; each half is the paged `k`/`v` that flash-attn's
     block_table indexes."""
 
     name = "flash_attn"
+    block_size_multiple = PAGE_MULTIPLE  # "Paged KV cache block size must be divisible by 256"
+    supports_soft_cap = True  # from flash-attn 2.6.0 (checked in _install_reasons)
+    metadata_builder_cls = FlashAttentionMetadataBuilder
 
     def __init__(self, spec: AttentionSpec) -> None:
         super().__init__(spec)
@@ -93,13 +113,15 @@ class FlashAttentionPaged(AttentionBackend):
         self._extra = {"softcap": spec.logits_soft_cap} if spec.logits_soft_cap is not None else {}
 
     @staticmethod
-    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                       dtype: torch.dtype) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
     def check(cls, spec: AttentionSpec) -> list[str]:
-        """Every reason at once (install, spec, device), so one message says all that must change."""
-        return _install_reasons(spec) + _spec_reasons(spec) + _device_reasons()
+        """Every reason at once (capabilities, install, spec, device), so one message says all
+        that must change."""
+        return super().check(spec) + _install_reasons(spec) + _spec_reasons(spec) + _device_reasons()
 
     def forward(
         self,
@@ -107,19 +129,18 @@ class FlashAttentionPaged(AttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: FlashAttentionMetadata,
     ) -> torch.Tensor:
         from flash_attn import flash_attn_varlen_func
 
         write_kv(kv_cache, k, v, meta.slot_mapping)
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        cu_seqlens_k = torch.nn.functional.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
         out = flash_attn_varlen_func(
             q,
             key_cache,
             value_cache,
             cu_seqlens_q=meta.query_start_loc,
-            cu_seqlens_k=cu_seqlens_k,
+            cu_seqlens_k=meta.cu_seqlens_k,
             max_seqlen_q=meta.max_query_len,
             max_seqlen_k=meta.max_seq_len,
             softmax_scale=self.spec.scale,

@@ -55,11 +55,6 @@ class CUDABackend(Backend):
         reasons = []
         if config.dtype == "bfloat16" and not self.has_native_bf16():
             reasons.append(f"--dtype bfloat16 needs {self._bf16_requirement()}; use --dtype float16")
-        if config.attention_backend == "flash_attn" and config.block_size % 256:
-            reasons.append(
-                f"--attention-backend flash_attn needs a block size that is a multiple of 256 "
-                f"(flash-attn's paged KV cache), got {config.block_size}"
-            )
         return reasons
 
     def _bf16_requirement(self) -> str:

@@ -1,27 +1,34 @@
 """ModelRunner: turns a SchedulerOutput into tensors, runs the model, samples.
 
-It owns the model, its KV cache tensors and the sampler. It never decides what runs: the
-scheduler did. Backends may subclass it (e.g. graph capture) through `Backend.model_runner_class`.
+It owns the model, its KV cache tensors, the step buffers, the kernel's metadata builder and the
+sampler. It never decides what runs: the scheduler did. Startup order (see `engine.setup`):
+`__init__` loads the model and negotiates its attention kernel; `profile_run` measures the
+activation peak; `allocate_kv_cache` and `prepare` size the cache and the step buffers; then
+`capture_graphs` warms the graph rule's decode buckets. Every step: `execute`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from textgen.core.attention import AttentionSpec
-from textgen.core.forward_context import AttentionMetadata, ForwardContext
-from textgen.core.registry import AttentionBackendInfo, choose_attention_backend
+from textgen.core.attention import StepLimits
+from textgen.core.attention_selection import KernelChoice, negotiate
+from textgen.core.engine.step_inputs import StepBuffers
+from textgen.core.forward_context import ForwardContext, StepTensors
+from textgen.core.loader.dtype import resolve_kv_cache_dtype
+from textgen.core.registry import AttentionBackendInfo
 from textgen.core.sampling import Sampler, SamplingBatch, compute_prompt_logprobs
 
 if TYPE_CHECKING:
+    from textgen.core.attention import AttentionMetadataBuilder
     from textgen.core.backend import Backend
     from textgen.core.config import EngineConfig
-    from textgen.core.scheduler import SchedulerOutput
-
-
+    from textgen.core.graphs import DecodeGraphs
+    from textgen.core.scheduler import ScheduledRequest, SchedulerOutput
 @dataclass(slots=True)
 class SampledToken:
     token_id: int
@@ -49,77 +56,111 @@ class ModelRunner:
         from textgen.core.loader import load_model
 
         self.config, self.backend, self.device = config, backend, backend.device
-        infos = [i for i in attention_infos if config.attention_backend in (None, i.name)]
-        if not infos:
-            names = ", ".join(i.name for i in attention_infos)
-            raise ValueError(f"attention backend '{config.attention_backend}' is not offered (offered: {names})")
-        self._attention_infos = infos
-        self.attention_cls = self._choose_attention(config, backend)
-        loaded = load_model(config, backend, self.attention_cls, extra_architectures=extra_architectures or {})
+        loaded = load_model(config, backend, extra_architectures=extra_architectures or {})
         self.model, self.hf_config, self.dtype, self.model_path = loaded.model, loaded.hf_config, loaded.dtype, loaded.path
-        self.model.eval()
+        self.kernel = bind_attention(self.model, attention_infos, config)
+        self.attention_cls = self.kernel.kernel_cls
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
-
-    def _choose_attention(self, config: EngineConfig, backend: Backend) -> type:
-        """The highest-priority offered kernel whose `check` accepts this model's attention."""
-        return choose_attention_backend(self._attention_infos, probe_attention_spec(config, backend))
+        self.pad_slot = 0
+        self._buffers: StepBuffers | None = None
+        self._builder: AttentionMetadataBuilder | None = None
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
 
+    @property
+    def block_size(self) -> int:
+        return self.kernel.block_size
+
     def attention_specs(self) -> list[Any]:
-        return self.model.attention_specs()
+        return self.kernel.specs
+
+    # -- startup --------------------------------------------------------------------------
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """`num_blocks` for the scheduler plus one scratch block that padded rows write to."""
         self.kv_caches = []
-        for spec in self.attention_specs():
-            shape = self.attention_cls.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
-            self.kv_caches += self.backend.allocate_kv_cache(shape, spec.dtype, 1)
+        for spec in self.kernel.specs:
+            shape = self.attention_cls.kv_cache_shape(num_blocks + 1, spec.block_size, spec.num_kv_heads,
+                                                      spec.head_size, spec.cache_dtype)
+            self.kv_caches += self.backend.allocate_kv_cache(shape, spec.cache_dtype, 1)
+        self.pad_slot = num_blocks * self.block_size
+
+    def prepare(self, limits: StepLimits) -> None:
+        """Allocate the step buffers and the kernel's metadata builder for steps up to `limits`."""
+        self._buffers = StepBuffers(limits, self.device, self.backend.pin_memory)
+        self._builder = self.attention_cls.metadata_builder_cls(self.attention_cls, self.kernel.specs, limits,
+                                                                self.device)
+
+    def profile_run(self, num_tokens: int, max_model_len: int, num_sampled: int) -> None:
+        """One forward over `num_tokens` prompt tokens (as requests of at most `max_model_len`
+        tokens) into a throwaway cache, then logits and sampling for `num_sampled` rows: the
+        largest step the budgets allow. Leaves no cache and no buffers behind."""
+        from textgen.core.sampling_params import SamplingParams
+
+        lengths = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens, max_model_len)]
+        blocks = [math.ceil(n / self.block_size) for n in lengths]
+        self.allocate_kv_cache(sum(blocks))
+        self.prepare(StepLimits(num_tokens, max(len(lengths), num_sampled), max(blocks), self.block_size))
+        scheduled, first = [], 0
+        for n, nb in zip(lengths, blocks):
+            scheduled.append(_ProfileRow(n, list(range(first, first + nb))))
+            first += nb
+        with self.backend.inference_mode():
+            hidden = self._forward(self._buffers.fill(scheduled))
+            rows = hidden[-1:].expand(num_sampled, -1)
+            logits = self.model.compute_logits(rows)
+            params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1)
+            batch = SamplingBatch.build([params] * num_sampled, [[0]] * num_sampled, [[0]] * num_sampled,
+                                        [None] * num_sampled, logits.shape[-1], logits.device)
+            self.sampler(logits, batch, None)
+        self.backend.synchronize()
+        self.kv_caches, self._buffers, self._builder = [], None, None
+
+    def capture_graphs(self, graphs: DecodeGraphs) -> None:
+        """Warm (capture or compile) the decode buckets; later decode steps that fit one use it."""
+        self.graphs = graphs
+        with self.backend.inference_mode():
+            graphs.warm_up(self)
 
     # -- one step -------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput, rows: dict[str, RowSampling], prompt_logprob_ids: set[str],
                 allowed_mask: torch.Tensor | None = None) -> StepResult:
         """Run one step. `allowed_mask` (bool [S, V]) rows follow the order of the scheduled
         requests whose `sample` is True; disallowed tokens are never sampled (grammars)."""
-        inputs, meta = self._prepare(out)
-        ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches)
-        hidden = self.model(inputs["input_ids"], inputs["positions"], ctx)
-        starts = np.asarray(meta.query_lens).cumsum() - np.asarray(meta.query_lens)
-        prompt_lp = self._prompt_logprobs(out, hidden, starts, prompt_logprob_ids)
-        sampled = self._sample(out, hidden, starts, rows, allowed_mask)
+        with self.backend.inference_mode():
+            hidden = self.forward_step(out.scheduled)
+            query_lens = np.fromiter((s.num_new_tokens for s in out.scheduled), dtype=np.int64)
+            starts = query_lens.cumsum() - query_lens
+            prompt_lp = self._prompt_logprobs(out, hidden, starts, prompt_logprob_ids)
+            sampled = self._sample(out, hidden, starts, rows, allowed_mask)
         return StepResult(sampled, prompt_lp)
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[dict[str, torch.Tensor], AttentionMetadata]:
-        bs = self.config.block_size
-        ids, pos, slots, qlens, seqlens = [], [], [], [], []
-        max_blocks = max(len(s.block_ids) for s in out.scheduled)
-        tables = np.zeros((len(out.scheduled), max_blocks), dtype=np.int32)
-        for i, s in enumerate(out.scheduled):
-            p = np.arange(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens, dtype=np.int64)
-            blocks = np.asarray(s.block_ids, dtype=np.int64)
-            tables[i, : len(blocks)] = blocks
-            ids.append(np.asarray(s.token_ids, dtype=np.int64))
-            pos.append(p)
-            slots.append(blocks[p // bs] * bs + p % bs)
-            qlens.append(s.num_new_tokens)
-            seqlens.append(s.num_computed_tokens + s.num_new_tokens)
-        dev = self.device
-        qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
-        qsl[1:] = np.cumsum(qlens)
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            query_start_loc=torch.from_numpy(qsl).to(dev),
-            seq_lens=torch.tensor(seqlens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(tables).to(dev),
-            query_lens=qlens, context_lens=seqlens, block_size=bs,
-        )
-        inputs = {"input_ids": torch.from_numpy(np.concatenate(ids)).to(dev),
-                  "positions": torch.from_numpy(np.concatenate(pos)).to(dev)}
-        return inputs, meta
+    def forward_step(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+        """Hidden states of the step's tokens, in order (graph-mode padding already dropped)."""
+        graphs = self.graphs
+        if graphs is not None:
+            bucket = graphs.bucket_for(scheduled)
+            if bucket is not None:
+                step = self._buffers.fill(scheduled, pad_to=bucket, pad_slot=self.pad_slot)
+                ctx = ForwardContext(self._builder.build(step), self.kv_caches)
+                return graphs.run(bucket, step, ctx)[: len(scheduled)]
+        return self._forward(self._buffers.fill(scheduled))
+
+    def _forward(self, step: StepTensors) -> torch.Tensor:
+        ctx = ForwardContext(self._builder.build(step), self.kv_caches)
+        return self.model(step.input_ids, step.positions, ctx)
+
+    def build_metadata(self, step: StepTensors) -> Any:
+        return self._builder.build(step)
+
+    def padding_step(self, batch_size: int) -> StepTensors:
+        """A decode step of `batch_size` padding rows only (graph warm-up)."""
+        return self._buffers.fill([], pad_to=batch_size, pad_slot=self.pad_slot)
 
     def _sample(self, out: SchedulerOutput, hidden: torch.Tensor, starts: np.ndarray,
                 rows: dict[str, RowSampling], allowed: torch.Tensor | None) -> dict[str, SampledToken]:
@@ -170,19 +211,27 @@ class ModelRunner:
         return result
 
 
-def probe_attention_spec(config: EngineConfig, backend: Backend) -> AttentionSpec:
-    """The attention facts of the model about to be loaded, read from its config.json, so the
-    kernel can be chosen (and refuse, with reasons) before any weight is read."""
-    from transformers import AutoConfig
+@dataclass(slots=True)
+class _ProfileRow:
+    """A prompt of `num_new_tokens` tokens (all id 0) for the profile run: the fields of a
+    ScheduledRequest that StepBuffers reads."""
 
-    from textgen.core.loader import resolve_dtype, resolve_model_path
+    num_new_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int = 0
 
-    hf = AutoConfig.from_pretrained(str(resolve_model_path(config.model_id, config.revision)),
-                                    trust_remote_code=config.trust_remote_code)
-    heads = hf.num_attention_heads
-    head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-    return AttentionSpec(
-        num_heads=heads, num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads, head_size=head_size,
-        dtype=resolve_dtype(config.dtype, hf, backend), block_size=config.block_size, scale=head_size**-0.5,
-        sliding_window=getattr(hf, "sliding_window", None),
-    )
+    @property
+    def token_ids(self) -> list[int]:
+        return [0] * self.num_new_tokens
+
+
+def bind_attention(model: Any, infos: list[AttentionBackendInfo], config: EngineConfig) -> KernelChoice:
+    """Negotiate the kernel over the model's own layer specs (the one place they are built) and
+    bind it to every attention layer. Fills `config.block_size` when the user left it unset."""
+    layers = model.attention_layers()
+    choice = negotiate(infos, [layer.spec for layer in layers], config.block_size,
+                       resolve_kv_cache_dtype(config.kv_cache_dtype), forced=config.attention_backend)
+    for layer, spec in zip(layers, choice.specs):
+        layer.bind(choice.kernel_cls, spec)
+    config.block_size = choice.block_size
+    return choice

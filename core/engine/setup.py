@@ -1,14 +1,18 @@
-"""Builds the engine's parts in order: backend, config hooks, model runner, tokenizer, KV cache,
-derived budgets, scheduler."""
+"""Builds the engine's parts in order: backend, config hooks, model runner (model + negotiated
+attention kernel), tokenizer, memory profile, KV cache, derived budgets, step buffers, graph
+warm-up, scheduler."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+from textgen.core.attention import StepLimits
 from textgen.core.config import EngineConfig
+from textgen.core.engine.memory import describe_profile, profile_memory
+from textgen.core.engine.model_runner import ModelRunner
 from textgen.core.engine.sizing import ConfigError, derive_budgets, model_max_length, plan_kv_cache
-from textgen.core.registry import load_class
+from textgen.core.graphs import DecodeGraphs, decode_graphs
 
 log = logging.getLogger("textgen.engine")
 
@@ -28,6 +32,8 @@ def _flatten(results: list[Any]) -> list[Any]:
 
 
 def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> EngineParts:
+    """Startup, in order: backend and its config hooks; model and attention kernel; memory profile;
+    KV cache and budgets; step buffers; graph warm-up; scheduler. Each stage adds its line."""
     from textgen.core.plugins import PluginManager
 
     pm = plugin_manager or PluginManager()
@@ -39,15 +45,30 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     architectures: dict[str, str] = {}
     for extra in pm.hook.textgen_model_architectures():
         architectures.update(extra or {})
-    runner = load_class(backend.model_runner_class())(config, backend, attention_infos, architectures)
+    runner = ModelRunner(config, backend, attention_infos, architectures)
     tokenizer = load_tokenizer(config, runner.model_path)
     max_length = model_max_length(runner.hf_config, tokenizer)
-    plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length)
+    lines = [f"backend {backend.describe()}; dtype {runner.dtype}", *runner.kernel.describe()]
+    profile = profile_memory(config, backend, runner, max_length)
+    lines.append(describe_profile(profile))
+    plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile)
     runner.allocate_kv_cache(plan.num_blocks)
-    lines = [f"backend {backend.describe()}; attention {runner.attention_cls.name}; dtype {runner.dtype}"]
     lines += derive_budgets(config, plan, max_length)
+    graphs = decode_graphs(config, backend)
+    runner.prepare(step_limits(config, graphs))
+    if graphs is not None:
+        runner.capture_graphs(graphs)
+    lines.append(graphs.describe() if graphs is not None else "graph mode: off (every step eager)")
     scheduler = _build_scheduler(config, plan.num_blocks)
     return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(runner.hf_config, tokenizer, runner.model_path), lines)
+
+
+def step_limits(config: EngineConfig, graphs: DecodeGraphs | None) -> StepLimits:
+    """The largest step the budgets allow (graph buckets pad decode batches up to their size)."""
+    padded = max(graphs.batch_sizes) if graphs is not None else 0
+    requests = max(min(config.max_batch_size, config.max_batch_prefill_tokens), padded)
+    tokens = max(config.max_batch_prefill_tokens, padded)
+    return StepLimits(tokens, requests, -(-config.max_total_tokens // config.block_size), config.block_size)
 
 
 def load_tokenizer(config: EngineConfig, model_path: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from textgen.core.attention import AttentionSpec
-    from textgen.core.backend import Backend
+    from textgen.core.backend import Backend, MemoryProfile
     from textgen.core.config import EngineConfig
 
 DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
@@ -30,16 +30,22 @@ class KVCachePlan:
     block_size: int
     bytes_per_block: int
     budget_bytes: int
+    cache_dtype: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
 
     def describe(self) -> str:
         tokens = self.num_blocks * self.block_size
         return (f"KV cache: {self.num_blocks} blocks x {self.block_size} tokens = {tokens} tokens, "
-                f"{self.num_blocks * self.bytes_per_block / 2**20:.1f} MiB (budget {self.budget_bytes / 2**20:.1f} MiB)")
+                f"{self.total_bytes / 2**20:.1f} MiB in {self.cache_dtype} ({self.bytes_per_block} bytes per block; "
+                f"budget {self.budget_bytes / 2**20:.1f} MiB)")
 
 
 def bytes_per_block(specs: list[AttentionSpec], block_size: int) -> int:
-    """K and V of every layer for one block of tokens."""
-    return sum(2 * block_size * s.num_kv_heads * s.head_size * _itemsize(s.dtype) for s in specs)
+    """K and V of every layer for one block of tokens, in the cache's storage dtype."""
+    return sum(2 * block_size * s.num_kv_heads * s.head_size * _itemsize(s.cache_dtype) for s in specs)
 
 
 def _itemsize(dtype: Any) -> int:
@@ -48,12 +54,13 @@ def _itemsize(dtype: Any) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def plan_kv_cache(config: EngineConfig, backend: Backend, specs: list[AttentionSpec], max_length: int) -> KVCachePlan:
-    """Blocks from the backend's memory budget, but never more than every admissible request at
-    full length could use (max_concurrent_requests x the longest sequence): memory past that
-    would only be zero-filled and never touched."""
+def plan_kv_cache(config: EngineConfig, backend: Backend, specs: list[AttentionSpec], max_length: int,
+                  profile: MemoryProfile) -> KVCachePlan:
+    """Blocks from the backend's memory budget after the profile run, but never more than every
+    admissible request at full length could use (max_concurrent_requests x the longest
+    sequence): memory past that would only be zero-filled and never touched."""
     per_block = bytes_per_block(specs, config.block_size)
-    budget = backend.kv_cache_budget_bytes(config)
+    budget = backend.kv_cache_budget_bytes(config, profile)
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
     else:
@@ -64,7 +71,8 @@ def plan_kv_cache(config: EngineConfig, backend: Backend, specs: list[AttentionS
     if num_blocks < 2:
         raise ConfigError(f"Not enough memory for the KV cache: {budget} bytes available, "
                           f"{per_block} bytes needed per block of {config.block_size} tokens")
-    return KVCachePlan(int(num_blocks), config.block_size, per_block, int(budget))
+    dtype = str(specs[0].cache_dtype).removeprefix("torch.") if specs else ""
+    return KVCachePlan(int(num_blocks), config.block_size, per_block, int(budget), dtype)
 
 
 def model_max_length(hf_config: Any, tokenizer: Any) -> int:

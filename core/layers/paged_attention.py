@@ -8,8 +8,8 @@ How a step is computed (no Python loop over tokens):
 1. the new k/v are written at `meta.slot_mapping` through a flat view of the cache;
 2. requests are split into padded groups, decode (one query token) and prefill (several), each
    kind cut into buckets of similar context length (`_split_rows`), so that padding stays small; each
-   group's index tensors and boolean mask depend on the step only, so the first layer builds
-   them (`_GroupPlan`, kept in `meta.kernel_plans`) and the other layers reuse them;
+   group's index tensors and boolean mask depend on the step only, so the metadata builder
+   (`TorchPagedMetadataBuilder`) makes them once per step and window (`_GroupPlan`) for all layers;
 3. each group gathers its context K/V through the block tables into [B, S, Hkv, D], pads its
    queries into [B, Q, H, D] and calls `F.scaled_dot_product_attention` (or the manual path when
    `logits_soft_cap` is set);
@@ -18,14 +18,16 @@ How a step is computed (no Python loop over tokens):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from textgen.core.attention import AttentionBackend, AttentionSpec
-from textgen.core.forward_context import AttentionMetadata
+from textgen.core.attention import AttentionBackend, AttentionMetadataBuilder, AttentionSpec
+from textgen.core.forward_context import AttentionMetadata, StepTensors
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,32 +48,65 @@ class _GroupPlan:
     max_seq_len: int
 
 
+@dataclass(slots=True)
+class TorchPagedMetadata(AttentionMetadata):
+    """The common metadata plus the step's group plans, per sliding window (None = full)."""
+
+    plans: dict[int | None, list[_GroupPlan]] = field(default_factory=dict)
+    fresh_prefill: bool = False  # one request, no cached prefix: causal SDPA over the new tokens
+
+
+class TorchPagedMetadataBuilder(AttentionMetadataBuilder):
+    """Plans each distinct window of the model once per step; layers only look them up."""
+
+    def build(self, step: StepTensors) -> TorchPagedMetadata:
+        base = step.attention_metadata()
+        fresh = base.num_requests == 1 and base.query_lens[0] == base.context_lens[0]
+        meta = TorchPagedMetadata(*(getattr(base, f) for f in AttentionMetadata.__dataclass_fields__),
+                                  fresh_prefill=fresh)
+        windows = {s.sliding_window for s in self.specs if not (fresh and _takes_fast_prefill(s))}
+        num_tokens = int(step.input_ids.shape[0])
+        groups = _split_rows(meta) if windows else []
+        for window in windows:
+            meta.plans[window] = [_plan_group(meta, rows, num_tokens, window, self.device) for rows in groups]
+        return meta
+
+
+def _takes_fast_prefill(spec: AttentionSpec) -> bool:
+    return spec.sliding_window is None and spec.logits_soft_cap is None and spec.alibi_slopes is None
+
+
 class TorchPagedAttention(AttentionBackend):
     name: ClassVar[str] = "torch_paged"
+    kv_cache_dtypes: ClassVar[tuple[torch.dtype, ...]] = FP8_DTYPES
+    supports_soft_cap: ClassVar[bool] = True
+    supports_alibi: ClassVar[bool] = True
+    metadata_builder_cls = TorchPagedMetadataBuilder
+
+    def __init__(self, spec: AttentionSpec) -> None:
+        super().__init__(spec)
+        self._slopes = None if spec.alibi_slopes is None else torch.tensor(spec.alibi_slopes, dtype=torch.float32)
 
     @staticmethod
-    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                       dtype: torch.dtype) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
-    def check(cls, spec: AttentionSpec | None) -> list[str]:
-        if spec is None:
-            return []
-        reasons = []
-        if spec.num_heads % spec.num_kv_heads:
-            reasons.append(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads {spec.num_kv_heads}")
+    def check(cls, spec: AttentionSpec) -> list[str]:
+        reasons = super().check(spec)
         if spec.sliding_window is not None and spec.sliding_window < 1:
             reasons.append(f"sliding_window must be >= 1, got {spec.sliding_window}")
         return reasons
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: TorchPagedMetadata) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
         num_tokens, num_heads, head_size = q.shape
-        if _is_single_fresh_prefill(meta) and self.spec.sliding_window is None and self.spec.logits_soft_cap is None:
+        if meta.fresh_prefill and _takes_fast_prefill(self.spec):
             out = self._causal_prefill(q, k, v)
             return out.reshape(num_tokens, num_heads * head_size)
-        plans = self._plans(meta, num_tokens, q.device)
+        plans = meta.plans[self.spec.sliding_window]
         if plans[0].token_idx is None:  # every request decodes one token
             out = self._attend(q[:, None], kv_cache, plans[0], meta.block_size)
             return out.reshape(num_tokens, num_heads * head_size)
@@ -81,16 +116,6 @@ class TorchPagedAttention(AttentionBackend):
             result = self._attend(q[plan.token_idx], kv_cache, plan, meta.block_size)
             out.index_put_((plan.out_idx,), result.reshape(-1, num_heads, head_size))
         return out[:num_tokens].reshape(num_tokens, num_heads * head_size)
-
-    def _plans(self, meta: AttentionMetadata, num_tokens: int, device: torch.device) -> list[_GroupPlan]:
-        """The step's group plans for this layer's sliding window, built by the first layer."""
-        key = (TorchPagedAttention, self.spec.sliding_window)
-        plans = meta.kernel_plans.get(key)
-        if plans is None:
-            plans = [_plan_group(meta, rows, num_tokens, self.spec.sliding_window, device)
-                     for rows in _split_rows(meta)]
-            meta.kernel_plans[key] = plans
-        return plans
 
     def _causal_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One request, no cached prefix: the new k/v are its whole context.
@@ -108,9 +133,12 @@ class TorchPagedAttention(AttentionBackend):
                 block_size: int) -> torch.Tensor:
         """padded_q [B, Q, H, D] -> attention output [B, Q, H, D] over the group's paged context."""
         keys, values = gather_context(kv_cache, plan, block_size)
+        if keys.dtype != padded_q.dtype:  # an fp8 cache: compute in the model dtype
+            keys, values = keys.to(padded_q.dtype), values.to(padded_q.dtype)
         batch, q_len, heads, head_size = padded_q.shape
         kv_heads = keys.shape[2]
-        if q_len == 1 and kv_heads != heads and self.spec.logits_soft_cap is None:
+        manual = self.spec.logits_soft_cap is not None or self._slopes is not None
+        if q_len == 1 and kv_heads != heads and not manual:
             # decode with GQA: the query heads sharing a KV head become that head's query rows, so
             # each K/V row is read once per KV head instead of once per query head (-13% at batch 64)
             folded = padded_q.view(batch, kv_heads, heads // kv_heads, head_size)
@@ -122,14 +150,20 @@ class TorchPagedAttention(AttentionBackend):
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, H, Q, D], k/v [B, Hkv, S, D], mask [B, 1, Q, S] -> [B, H, Q, D]."""
-        if self.spec.logits_soft_cap is None:
+        if self.spec.logits_soft_cap is None and self._slopes is None:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.spec.scale, enable_gqa=q.shape[1] != k.shape[1])
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        cap = self.spec.logits_soft_cap
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.spec.scale
-        scores = torch.tanh(scores / cap) * cap
+        cap = self.spec.logits_soft_cap
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
+        if self._slopes is not None:
+            # ALiBi: slope_h * key position (a per-row constant shift of slope_h * (k - q) that
+            # softmax ignores), as Hugging Face's BLOOM adds it
+            kv_pos = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.float32)
+            scores = scores + self._slopes.to(scores.device)[None, :, None, None] * kv_pos
         scores = scores.masked_fill(~mask, float("-inf"))
         return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
@@ -151,10 +185,6 @@ def gather_context(kv_cache: torch.Tensor, plan: _GroupPlan, block_size: int) ->
     keys = kv_cache[0].index_select(0, plan.blocks).view(shape)
     values = kv_cache[1].index_select(0, plan.blocks).view(shape)
     return keys[:, : plan.max_seq_len], values[:, : plan.max_seq_len]
-
-
-def _is_single_fresh_prefill(meta: AttentionMetadata) -> bool:
-    return meta.num_requests == 1 and meta.query_lens[0] == meta.context_lens[0]
 
 
 # A bucket ends before a row whose context is shorter than (1 - PAD_SLACK) of the bucket's longest

@@ -53,3 +53,16 @@ def resolve_dtype(requested: str, hf_config: Any, backend: Backend) -> torch.dty
     if default in _HALF and stored in _HALF and stored != default and stored in supported:
         return stored
     return default
+
+
+KV_CACHE_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def resolve_kv_cache_dtype(requested: str | None) -> torch.dtype | None:
+    """TGI's `--kv-cache-dtype` (fp8_e4m3fn, fp8_e5m2); None for auto (the model dtype)."""
+    name = (requested or "auto").lower()
+    if name == "auto":
+        return None
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {requested!r}: use auto, {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[name]

@@ -29,8 +29,7 @@ class LoadedModel:
     path: Path
 
 
-def load_model(config: EngineConfig, backend: Backend, attention_cls: type,
-               extra_architectures: dict[str, str] | None = None,
+def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict[str, str] | None = None,
                quantizer: Quantizer | None = None) -> LoadedModel:
     """Resolve the files, read config.json, pick the class (plugin architectures override the
     built-in ones), build it on `backend.device` in the resolved dtype, then load the
@@ -42,7 +41,7 @@ def load_model(config: EngineConfig, backend: Backend, attention_cls: type,
     model_cls = resolve_model_class(hf_config, extra_architectures)
     _check_quantization(config, hf_config, quantizer)
     dtype = resolve_dtype(config.dtype, hf_config, backend)
-    build = ModelBuildContext(dtype, backend.device, attention_cls, config.block_size, quantizer)
+    build = ModelBuildContext(dtype, backend.device, quantizer)
     with _building_on(backend.device, dtype):
         model = model_cls(hf_config, build)
     if config.load_format == "dummy":

@@ -12,14 +12,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class ModelBuildContext:
-    """`attention_cls` is the chosen AttentionBackend subclass; every attention layer builds one
-    instance from its own AttentionSpec. `quantizer` (None = plain weights) is handed to each
-    quantizable linear layer."""
+    """`quantizer` (None = plain weights) is handed to each quantizable linear layer. Attention
+    layers state their own `AttentionSpec`; the kernel is negotiated and bound after the build."""
 
     dtype: torch.dtype
     device: torch.device
-    attention_cls: type
-    block_size: int
     quantizer: Quantizer | None = None
     tp_rank: int = 0
     tp_size: int = 1

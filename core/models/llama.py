@@ -70,9 +70,9 @@ class LlamaAttention(nn.Module):
                                 build.quantizer, build.tp_rank, tp)
         local_heads, local_kv = num_heads // tp, max(1, num_kv_heads // tp)
         self.sizes = [local_heads * head_size, local_kv * head_size, local_kv * head_size]
-        spec = AttentionSpec(local_heads, local_kv, head_size, build.dtype, build.block_size,
-                             scale=head_size ** -0.5, sliding_window=sliding_window)
-        self.attn = Attention(spec, layer_idx, build.attention_cls)
+        spec = AttentionSpec(local_heads, local_kv, head_size, build.dtype, scale=head_size ** -0.5,
+                             sliding_window=sliding_window)
+        self.attn = Attention(spec, layer_idx)
 
     def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], rotary: RotaryEmbedding,
                 ctx: ForwardContext) -> torch.Tensor:
@@ -150,13 +150,6 @@ class LlamaForCausalLM(Model):
         self.model = LlamaModel(hf_config, build)
         tied = self.model.embed_tokens if self.tie_word_embeddings else None
         self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype, tied_to=tied)
-
-    @property
-    def num_attention_layers(self) -> int:
-        return len(self.model.layers)
-
-    def attention_specs(self) -> list[AttentionSpec]:
-        return [layer.self_attn.attn.spec for layer in self.model.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)

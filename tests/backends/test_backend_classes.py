@@ -38,8 +38,6 @@ def test_cuda_before_ampere_defaults_to_fp16_and_refuses_bf16(turing: None) -> N
     config = EngineConfig(model_id="m", dtype="bfloat16", attention_backend="flash_attn")
     assert backend.config_reasons(config) == [
         "--dtype bfloat16 needs compute capability >= 8.0 (Tesla T4 is 7.5); use --dtype float16",
-        "--attention-backend flash_attn needs a block size that is a multiple of 256 "
-        "(flash-attn's paged KV cache), got 16",
     ]
 
 

@@ -12,8 +12,8 @@ import torch
 from textgen.backends.cuda import attention as fa
 from textgen.backends.cuda.attention import FlashAttentionPaged
 from textgen.core.attention import AttentionSpec
-from textgen.core.forward_context import AttentionMetadata
 from textgen.core.layers.paged_attention import TorchPagedAttention
+from textgen.testing.steps import StepRow, fill_step, kernel_metadata
 
 
 def _spec(**overrides: object) -> AttentionSpec:
@@ -27,11 +27,11 @@ def test_check_names_every_reason_at_once(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(fa, "_device_reasons", lambda: [])
     spec = _spec(dtype=torch.float32, head_size=84, block_size=16, num_heads=6, num_kv_heads=4)
     assert FlashAttentionPaged.check(spec) == [
+        "block_size 16 is not a multiple of 256",
+        "num_heads 6 is not a multiple of num_kv_heads 4",
         "flash_attn is not installed (pip install 'flash-attn>=2.5.7')",
         "dtype torch.float32 is not supported (flash-attn computes in float16 or bfloat16)",
         "head_size 84 is unsupported (flash-attn needs a multiple of 8, at most 256)",
-        "block_size 16 is not a multiple of 256 (flash-attn's paged KV cache; use --block-size 256)",
-        "6 query heads are not a multiple of 4 KV heads",
     ]
 
 
@@ -59,26 +59,16 @@ def test_check_on_this_machine_says_no_cuda_device() -> None:
 
 def test_layout_matches_the_portable_kernel() -> None:
     """FlashAttentionPaged writes through TorchPagedAttention's write_kv, so the layouts must agree."""
-    args = (7, 256, 2, 64)
+    args = (7, 256, 2, 64, torch.bfloat16)
     assert FlashAttentionPaged.kv_cache_shape(*args) == TorchPagedAttention.kv_cache_shape(*args) == (2, 7, 256, 2, 64)
 
 
-def _mixed_step(device: str, block_size: int) -> AttentionMetadata:
+def _mixed_step(kernel_cls: type, spec: AttentionSpec, device: str):
     """Request 0: a 300-token prefill chunk after a 200-token cached prefix (spans 2 blocks);
-    request 1: one decode token at position 40; request 2: a fresh 5-token prefill."""
-    query_lens, seq_lens, tables = [300, 1, 5], [500, 41, 5], [[3, 1], [0, 0], [2, 0]]
-    slots = [tables[i][p // block_size] * block_size + p % block_size
-             for i, (q, s) in enumerate(zip(query_lens, seq_lens)) for p in range(s - q, s)]
-    i32 = dict(dtype=torch.int32, device=device)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor([0, 300, 301, 306], **i32),
-        seq_lens=torch.tensor(seq_lens, **i32),
-        block_tables=torch.tensor(tables, **i32),
-        query_lens=query_lens,
-        context_lens=seq_lens,
-        block_size=block_size,
-    )
+    request 1: one decode token at position 40; request 2: a fresh 5-token prefill; built by the
+    kernel's own metadata builder."""
+    rows = [StepRow(200, 300, [3, 1]), StepRow(40, 1, [0]), StepRow(0, 5, [2])]
+    return kernel_metadata(kernel_cls, [spec], fill_step(rows, spec.block_size, device), device)
 
 
 def _flash_attn_semantics(q, k_cache, v_cache, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -118,16 +108,17 @@ def test_forward_keeps_flash_attn_paged_contract(monkeypatch: pytest.MonkeyPatch
 
 def _run_both(spec: AttentionSpec, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttentionPaged and TorchPagedAttention on the same mixed step and cache contents."""
-    meta = _mixed_step(device, spec.block_size)
+    meta = _mixed_step(FlashAttentionPaged, spec, device)
     generator = torch.Generator(device).manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, dtype=spec.dtype, device=device, generator=generator)  # noqa: E731
-    cache = randn(*FlashAttentionPaged.kv_cache_shape(4, spec.block_size, spec.num_kv_heads, spec.head_size))
+    shape = FlashAttentionPaged.kv_cache_shape(4, spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype)
+    cache = randn(*shape)
     tokens = meta.slot_mapping.numel()
     q = randn(tokens, spec.num_heads, spec.head_size)
     k, v = randn(tokens, spec.num_kv_heads, spec.head_size), randn(tokens, spec.num_kv_heads, spec.head_size)
     reference_cache = cache.clone()
     out = FlashAttentionPaged(spec).forward(q, k, v, cache, meta)
-    expected = TorchPagedAttention(spec).forward(q, k, v, reference_cache, meta)
+    expected = TorchPagedAttention(spec).forward(q, k, v, reference_cache, _mixed_step(TorchPagedAttention, spec, device))
     assert torch.equal(cache, reference_cache)
     return out, expected
 

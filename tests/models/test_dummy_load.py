@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from textgen.backends.cpu.attention import CPUPagedAttention
 from textgen.core.config import EngineConfig
 from textgen.core.loader import ModelFilesError, load_model
 
@@ -32,8 +31,7 @@ def config_only(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _load(path: str, seed: int = 0, dtype: str = "float32"):
-    return load_model(EngineConfig(model_id=path, load_format="dummy", seed=seed, dtype=dtype),
-                      _cpu_backend(), CPUPagedAttention)
+    return load_model(EngineConfig(model_id=path, load_format="dummy", seed=seed, dtype=dtype), _cpu_backend())
 
 
 def test_builds_from_config_json_alone_with_hf_style_init(config_only: str) -> None:
@@ -68,7 +66,7 @@ def test_bfloat16_dummy_keeps_the_float32_draws(config_only: str) -> None:
 
 def test_default_format_still_requires_the_checkpoint(config_only: str) -> None:
     with pytest.raises(ModelFilesError, match="no model weights"):
-        load_model(EngineConfig(model_id=config_only), _cpu_backend(), CPUPagedAttention)
+        load_model(EngineConfig(model_id=config_only), _cpu_backend())
 
 
 def test_engine_generates_on_a_configuration(config_only: str) -> None:

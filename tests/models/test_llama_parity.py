@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import functools
 import json
-import random
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
-from textgen.backends.cpu.attention import CPUPagedAttention
 from textgen.core.config import EngineConfig
-from textgen.core.forward_context import AttentionMetadata, ForwardContext
+from textgen.testing.paged_model import PagedModel, Seq, load_bound_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -21,73 +17,10 @@ NUM_BLOCKS = 96
 ATOL = 1e-4
 
 
-def cpu_backend():
-    from textgen.backends.cpu.backend import CPUBackend
-    from textgen.backends.cpu.plugin import textgen_probe_backend
-
-    return CPUBackend(None, textgen_probe_backend(None))
-
-
-@dataclass
-class Seq:
-    tokens: list[int]
-    blocks: list[int] = field(default_factory=list)
-    num_computed: int = 0
-
-
-class PagedRunner:
-    """The scheduler's and model runner's job, reduced to what a test needs: a shuffled block
-    free list, slot mapping, block tables, one forward per step returning every token's logits."""
-
+class PagedRunner(PagedModel):
     def __init__(self, path: str, block_size: int) -> None:
-        from textgen.core.loader import load_model
-
-        config = EngineConfig(model_id=path, dtype="float32", block_size=block_size)
-        self.model = load_model(config, cpu_backend(), CPUPagedAttention).model
-        self.block_size = block_size
-        self.free = list(range(NUM_BLOCKS))
-        random.Random(0).shuffle(self.free)
-        self.kv_caches = [
-            torch.zeros(CPUPagedAttention.kv_cache_shape(NUM_BLOCKS, block_size, s.num_kv_heads, s.head_size))
-            for s in self.model.attention_specs()
-        ]
-
-    def step(self, work: list[tuple[Seq, int]]) -> list[torch.Tensor]:
-        """Run `n` new tokens of each sequence in one flat batch; logits [n, V] per sequence."""
-        ids, pos, slots, qlens, seqlens = [], [], [], [], []
-        for seq, n in work:
-            start, end = seq.num_computed, seq.num_computed + n
-            while len(seq.blocks) * self.block_size < end:
-                seq.blocks.append(self.free.pop())
-            p = torch.arange(start, end)
-            ids.append(torch.tensor(seq.tokens[start:end]))
-            pos.append(p)
-            slots.append(torch.tensor(seq.blocks)[p // self.block_size] * self.block_size + p % self.block_size)
-            qlens.append(n)
-            seqlens.append(end)
-            seq.num_computed = end
-        tables = torch.zeros(len(work), max(len(s.blocks) for s, _ in work), dtype=torch.int32)
-        for i, (seq, _) in enumerate(work):
-            tables[i, : len(seq.blocks)] = torch.tensor(seq.blocks)
-        qsl = torch.zeros(len(work) + 1, dtype=torch.int32)
-        qsl[1:] = torch.cumsum(torch.tensor(qlens), 0)
-        meta = AttentionMetadata(torch.cat(slots), qsl, torch.tensor(seqlens, dtype=torch.int32), tables,
-                                 qlens, seqlens, self.block_size)
-        with torch.inference_mode():
-            hidden = self.model(torch.cat(ids), torch.cat(pos), ForwardContext(meta, self.kv_caches))
-            logits = self.model.compute_logits(hidden)
-        assert logits.dtype == torch.float32
-        return list(logits.split(qlens))
-
-    def generate(self, prompt: list[int], chunks: list[int], steps: int) -> tuple[Seq, torch.Tensor]:
-        """Prefill in `chunks`, then `steps` greedy decode steps; logits of every position."""
-        seq, out = Seq(list(prompt)), []
-        for n in chunks:
-            out += self.step([(seq, n)])
-        for _ in range(steps):
-            seq.tokens.append(int(out[-1][-1].argmax()))
-            out += self.step([(seq, 1)])
-        return seq, torch.cat(out)
+        super().__init__(load_bound_model(EngineConfig(model_id=path, dtype="float32", block_size=block_size)),
+                         num_blocks=NUM_BLOCKS)
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,7 +38,7 @@ def hf_logits(path: str, tokens: list[int]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def model_path(tiny_model_factory, tmp_path_factory):
     """tiny_model_factory, plus overrides it cannot key on (dict values such as rope_scaling)."""
-    from tests.tiny_models import make_tiny_model
+    from textgen.testing.tiny_models import make_tiny_model
 
     built: dict[str, str] = {}
 

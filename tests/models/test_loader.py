@@ -19,11 +19,11 @@ from textgen.core.loader import (
 )
 from textgen.core.layers.rotary import inv_freq_and_scaling, rope_parameters
 from textgen.core.models import ARCHITECTURES, resolve_model_class
-from tests.models.test_llama_parity import cpu_backend
+from textgen.testing.paged_model import cpu_backend
 
 
 def _load(path: str | Path, **kwargs: object):
-    return load_model(EngineConfig(model_id=str(path), dtype="float32", **kwargs), cpu_backend(), CPUPagedAttention)
+    return load_model(EngineConfig(model_id=str(path), dtype="float32", **kwargs), cpu_backend())
 
 
 def _copy_without_weights(src: str, dst: Path) -> Path:
@@ -125,17 +125,11 @@ def test_transformers5_config_format_is_read(tiny_llama: str, tmp_path: Path) ->
 
 
 def _run_prefill(model, tokens: list[int]) -> torch.Tensor:
-    from textgen.core.forward_context import AttentionMetadata, ForwardContext
+    from textgen.core.engine.model_runner import bind_attention
+    from textgen.testing.paged_model import CPU_KERNEL, PagedModel
 
-    n, bs = len(tokens), 16
-    blocks = -(-n // bs)
-    caches = [torch.zeros(CPUPagedAttention.kv_cache_shape(blocks, bs, s.num_kv_heads, s.head_size))
-              for s in model.attention_specs()]
-    meta = AttentionMetadata(torch.arange(n), torch.tensor([0, n], dtype=torch.int32),
-                             torch.tensor([n], dtype=torch.int32), torch.arange(blocks, dtype=torch.int32)[None],
-                             [n], [n], bs)
-    hidden = model(torch.tensor(tokens), torch.arange(n), ForwardContext(meta, caches))
-    return model.compute_logits(hidden)
+    bind_attention(model, [CPU_KERNEL], EngineConfig(model_id="m", block_size=16))
+    return PagedModel(model).generate(tokens, [len(tokens)], 0)[1]
 
 
 def test_transformers4_rope_fields_are_read() -> None:
@@ -204,8 +198,7 @@ def test_missing_and_unexpected_tensors_are_named(tiny_llama: str, tmp_path: Pat
 
 def test_dummy_weights_and_default_dtype_restored(tiny_llama: str) -> None:
     before = torch.get_default_dtype()
-    loaded = load_model(EngineConfig(model_id=tiny_llama, dtype="bfloat16", load_format="dummy"),
-                        cpu_backend(), CPUPagedAttention)
+    loaded = load_model(EngineConfig(model_id=tiny_llama, dtype="bfloat16", load_format="dummy"), cpu_backend())
     assert torch.get_default_dtype() == before
     params = dict(loaded.model.named_parameters())
     assert all(p.dtype == torch.bfloat16 for p in params.values())

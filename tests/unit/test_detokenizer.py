@@ -10,7 +10,7 @@ from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from tests.tiny_models import make_tokenizer
+    from textgen.testing.tiny_models import make_tokenizer
 
     path = tmp_path_factory.mktemp("tok")
     make_tokenizer(path)

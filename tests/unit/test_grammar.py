@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from tests.tiny_models import make_tokenizer
+    from textgen.testing.tiny_models import make_tokenizer
 
     path = tmp_path_factory.mktemp("grammar-tokenizer")
     make_tokenizer(path)

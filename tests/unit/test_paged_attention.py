@@ -10,12 +10,14 @@ from textgen.backends.cpu.attention import CPUPagedAttention
 from textgen.core.attention import AttentionSpec
 from textgen.core.forward_context import AttentionMetadata
 from textgen.core.layers.paged_attention import TorchPagedAttention
+from textgen.testing.steps import StepRow, fill_step, kernel_metadata
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK, NUM_BLOCKS = 4, 2, 8, 4, 64
 
 
 def _spec(window: int | None = None, soft_cap: float | None = None, kv_heads: int = KV_HEADS) -> AttentionSpec:
-    return AttentionSpec(HEADS, kv_heads, HEAD_SIZE, torch.float32, BLOCK, HEAD_SIZE ** -0.5, window, soft_cap)
+    return AttentionSpec(HEADS, kv_heads, HEAD_SIZE, torch.float32, HEAD_SIZE ** -0.5, window, soft_cap,
+                         block_size=BLOCK)
 
 
 class _Requests:
@@ -31,7 +33,8 @@ class _Requests:
         self.q = [torch.randn(n, HEADS, HEAD_SIZE, generator=gen) for n in query]
         free = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
         self.blocks = [[free.pop() for _ in range(math.ceil(n / BLOCK))] for n in self.seq]
-        self.cache = torch.zeros(TorchPagedAttention.kv_cache_shape(NUM_BLOCKS, BLOCK, kv_heads, HEAD_SIZE))
+        self.cache = torch.zeros(TorchPagedAttention.kv_cache_shape(NUM_BLOCKS, BLOCK, kv_heads, HEAD_SIZE,
+                                                                      torch.float32))
         for i, c in enumerate(cached):  # the prefix a previous step wrote
             slots = self._slots(i, 0, c)
             self.cache[0].view(-1, kv_heads, HEAD_SIZE)[slots] = self.k[i][:c]
@@ -41,19 +44,11 @@ class _Requests:
         pos = torch.arange(start, end)
         return torch.tensor(self.blocks[i])[pos // BLOCK] * BLOCK + pos % BLOCK
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-        n = len(self.seq)
-        width = max(len(b) for b in self.blocks) + 1  # trailing zero padding, as the runner pads
-        tables = torch.zeros(n, width, dtype=torch.int32)
-        for i, b in enumerate(self.blocks):
-            tables[i, : len(b)] = torch.tensor(b)
-        qsl = torch.zeros(n + 1, dtype=torch.int32)
-        qsl[1:] = torch.cumsum(torch.tensor(self.query), 0)
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat([self._slots(i, self.cached[i], self.seq[i]) for i in range(n)]),
-            query_start_loc=qsl, seq_lens=torch.tensor(self.seq, dtype=torch.int32), block_tables=tables,
-            query_lens=list(self.query), context_lens=list(self.seq), block_size=BLOCK,
-        )
+    def step(self, specs: list[AttentionSpec] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step's q/k/v and the metadata the kernel's builder makes for layers of `specs`."""
+        rows = [StepRow(c, q, b) for c, q, b in zip(self.cached, self.query, self.blocks)]
+        meta = kernel_metadata(TorchPagedAttention, specs or [_spec()], fill_step(rows, BLOCK))
         new_k = torch.cat([k[c:] for k, c in zip(self.k, self.cached)])
         new_v = torch.cat([v[c:] for v, c in zip(self.v, self.cached)])
         return torch.cat(self.q), new_k, new_v, meta
@@ -83,7 +78,7 @@ MIXED = dict(cached=[9, 0, 12, 5], query=[7, 11, 1, 1])  # chunk after a prefix,
                          ids=["gqa", "sliding5", "mqa", "softcap", "mha-window-softcap"])
 def test_mixed_batch_matches_reference(spec: AttentionSpec) -> None:
     reqs = _Requests(**MIXED, kv_heads=spec.num_kv_heads)
-    q, k, v, meta = reqs.step()
+    q, k, v, meta = reqs.step([spec])
     out = CPUPagedAttention(spec).forward(q, k, v, reqs.cache, meta)
     assert out.shape == (sum(MIXED["query"]), HEADS * HEAD_SIZE)
     torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
@@ -106,24 +101,23 @@ def test_new_kv_is_written_at_slot_mapping() -> None:
 @pytest.mark.parametrize("window", [None, 4])
 def test_homogeneous_batches(case: dict, window: int | None) -> None:
     reqs = _Requests(**case, seed=1)
-    q, k, v, meta = reqs.step()
     spec = _spec(window=window)
+    q, k, v, meta = reqs.step([spec])
     out = TorchPagedAttention(spec).forward(q, k, v, reqs.cache, meta)
     torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", [MIXED, dict(cached=[3, 30, 17], query=[1, 1, 1])], ids=["mixed", "all-decode"])
 def test_layers_share_one_step_plan_per_sliding_window(case: dict) -> None:
-    """Layers reuse the plan the first one built for their window, never another window's (a
-    model may alternate full and sliding-window layers over the same step metadata)."""
+    """The builder plans each window of the model once per step; layers use their window's plan,
+    never another's (a model may alternate full and sliding-window layers over one step)."""
     reqs = _Requests(**case, seed=3)
-    q, k, v, meta = reqs.step()
-    for layer in range(2):
-        for window in (None, 4, 2):
-            spec = _spec(window=window)
-            out = TorchPagedAttention(spec).forward(q, k, v, reqs.cache, meta)
-            torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
-    assert sorted(w for _, w in meta.kernel_plans if w is not None) == [2, 4] and len(meta.kernel_plans) == 3
+    specs = [_spec(window=w) for w in (None, 4, 2, None, 4)]
+    q, k, v, meta = reqs.step(specs)
+    assert set(meta.plans) == {None, 4, 2}
+    for spec in specs:
+        out = TorchPagedAttention(spec).forward(q, k, v, reqs.cache, meta)
+        torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
 
 
 def test_length_buckets_cut_where_padding_would_waste_too_much(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,9 +139,9 @@ def test_bucketed_groups_match_reference(monkeypatch: pytest.MonkeyPatch, window
 
     monkeypatch.setattr(pa, "MIN_PAD_WASTE", 0)
     reqs = _Requests(cached=[40, 2, 3, 30, 0, 25, 1], query=[1, 1, 1, 1, 9, 2, 12], seed=4)
-    q, k, v, meta = reqs.step()
-    assert len(pa._split_rows(meta)) > 2
     spec = _spec(window=window)
+    q, k, v, meta = reqs.step([spec])
+    assert len(pa._split_rows(meta)) > 2
     out = TorchPagedAttention(spec).forward(q, k, v, reqs.cache, meta)
     torch.testing.assert_close(out, reqs.reference(spec), atol=1e-5, rtol=1e-5)
 
@@ -155,7 +149,7 @@ def test_bucketed_groups_match_reference(monkeypatch: pytest.MonkeyPatch, window
 def test_token_result_is_independent_of_batch_company() -> None:
     """A request's output rows are identical whether it runs alone or in the mixed batch."""
     mixed = _Requests(**MIXED, seed=2)
-    q, k, v, meta = mixed.step()
+    q, k, v, meta = mixed.step([_spec(window=6)])
     together = TorchPagedAttention(_spec(window=6)).forward(q, k, v, mixed.cache, meta)
     start = 0
     for i in range(len(MIXED["query"])):
@@ -163,7 +157,7 @@ def test_token_result_is_independent_of_batch_company() -> None:
         alone.k, alone.v, alone.q = [mixed.k[i]], [mixed.v[i]], [mixed.q[i]]
         alone.blocks = [mixed.blocks[i]]
         alone.cache = mixed.cache.clone()
-        q1, k1, v1, meta1 = alone.step()
+        q1, k1, v1, meta1 = alone.step([_spec(window=6)])
         out = TorchPagedAttention(_spec(window=6)).forward(q1, k1, v1, alone.cache, meta1)
         n = mixed.query[i]
         torch.testing.assert_close(together[start : start + n], out, atol=1e-6, rtol=1e-6)
@@ -171,7 +165,7 @@ def test_token_result_is_independent_of_batch_company() -> None:
 
 
 def test_check_reports_reasons() -> None:
-    bad = AttentionSpec(6, 4, HEAD_SIZE, torch.float32, BLOCK, 1.0)
+    bad = AttentionSpec(6, 4, HEAD_SIZE, torch.float32, 1.0, block_size=BLOCK)
     assert TorchPagedAttention.check(bad) == ["num_heads 6 is not a multiple of num_kv_heads 4"]
     assert TorchPagedAttention.check(_spec()) == []
     assert CPUPagedAttention.name == "cpu_paged" and TorchPagedAttention.name == "torch_paged"
