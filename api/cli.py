@@ -70,6 +70,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 _EXTRA_COMMANDS: list[tuple[str, str, str]] = [
     # (name, "module:add_parser_function", help) resolved lazily so `textgen backends` stays light
     ("bench", "textgen.api.bench_cli:add_parser", "benchmark prefill and decode latency/throughput"),
+    ("check-backend", "textgen.testing.conformance:add_parser",
+     "run the backend conformance kit (kernel, logits, engine) against a backend"),
 ]
 
 

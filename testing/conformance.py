@@ -268,3 +268,23 @@ def check_engine(backend_name: str, model_dir: Path, dtype: torch.dtype) -> Chec
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def add_parser(parser: object) -> None:
+    """`textgen check-backend NAME`: exit 0 when every check passes, 1 otherwise."""
+    parser.add_argument("name", help="the backend to check (see `textgen backends`)")  # type: ignore[attr-defined]
+    parser.set_defaults(func=_cmd_check_backend)  # type: ignore[attr-defined]
+
+
+def _cmd_check_backend(args: object) -> int:
+    from textgen.core.plugins import BackendSelectionError
+
+    try:
+        report = run_conformance(args.name)  # type: ignore[attr-defined]
+    except BackendSelectionError as exc:
+        print(f"textgen check-backend: error: {exc}")
+        return 2
+    print(report.render())
+    return 0 if report.passed else 1

@@ -31,6 +31,7 @@ class CPUCompiledDecode(GraphRunner):
             layer.keep_kernel_eager()
         # one compiled graph set per bucket; each must stay cached
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True  # layer_idx: one graph for every layer
         self._compiled = torch.compile(model, dynamic=False)
 
     def capture(self, batch_size: int, forward: StepForward,

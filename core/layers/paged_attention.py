@@ -104,6 +104,8 @@ class TorchPagedAttention(AttentionBackend):
         write_kv(kv_cache, k, v, meta.slot_mapping)
         num_tokens, num_heads, head_size = q.shape
         if meta.fresh_prefill and _takes_fast_prefill(self.spec):
+            if kv_cache.dtype != k.dtype:  # attend to what the cache holds, as a later step will
+                k, v = k.to(kv_cache.dtype).to(q.dtype), v.to(kv_cache.dtype).to(q.dtype)
             out = self._causal_prefill(q, k, v)
             return out.reshape(num_tokens, num_heads * head_size)
         plans = meta.plans[self.spec.sliding_window]
@@ -169,11 +171,16 @@ class TorchPagedAttention(AttentionBackend):
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store the step's keys and values at their flat slots."""
-    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
+    """Store the step's keys and values at their flat slots (an fp8 cache is cast on the way in)."""
+    flat = _indexable(kv_cache).view(2, -1, *kv_cache.shape[3:])
     slots = slot_mapping.to(torch.long)
-    flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+    flat[0].index_copy_(0, slots, _indexable(k.to(kv_cache.dtype)))
+    flat[1].index_copy_(0, slots, _indexable(v.to(kv_cache.dtype)))
+
+
+def _indexable(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as their bytes: CPU index_copy_/index_select have no fp8 kernels (same bits)."""
+    return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 
 def gather_context(kv_cache: torch.Tensor, plan: _GroupPlan, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +189,9 @@ def gather_context(kv_cache: torch.Tensor, plan: _GroupPlan, block_size: int) ->
     `index_select` over the flattened block ids (not advanced indexing, which is about 4x slower
     on CPU for this copy: it is a fifth of a batch-64 decode step)."""
     shape = (plan.num_rows, plan.blocks.shape[0] // plan.num_rows * block_size, *kv_cache.shape[3:])
-    keys = kv_cache[0].index_select(0, plan.blocks).view(shape)
-    values = kv_cache[1].index_select(0, plan.blocks).view(shape)
+    cache = _indexable(kv_cache)
+    keys = cache[0].index_select(0, plan.blocks).view(shape).view(kv_cache.dtype)
+    values = cache[1].index_select(0, plan.blocks).view(shape).view(kv_cache.dtype)
     return keys[:, : plan.max_seq_len], values[:, : plan.max_seq_len]
 
 
