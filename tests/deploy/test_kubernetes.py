@@ -216,8 +216,14 @@ def test_leaderworkerset_wires_torchrun_rendezvous():
         assert env["MASTER_PORT"] == "29500" and int(env["NPROC_PER_NODE"]) == c["resources"]["limits"]["nvidia.com/gpu"]
     leader = lwt["leaderTemplate"]["spec"]["containers"][0]
     assert leader["readinessProbe"]["httpGet"]["path"] == "/health"
-    (svc,) = [s for s in by_kind(plain_manifests(), "Service") if s["metadata"]["name"] == "textgen-tp16"]
+    docs = plain_manifests()
+    (svc,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "textgen-tp16"]
     assert svc["spec"]["selector"]["textgen.io/role"] == "leader"
+    # the single-node Deployment's Service and InferencePool must not pick the group's worker pods
+    worker_labels = lwt["workerTemplate"]["metadata"]["labels"]
+    for selector in ([s["spec"]["selector"] for s in by_kind(docs, "Service") if s is not svc]
+                     + [p["spec"]["selector"]["matchLabels"] for p in by_kind(docs, "InferencePool")]):
+        assert not selector.items() <= worker_labels.items(), selector
 
 
 @pytest.mark.parametrize("breakage", ["typo", "wrong type", "missing required", "cel rule", "core typo"])
