@@ -9,13 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.api.conftest import free_port
+from tests.api.test_demo_serve import _wait_healthy as wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
@@ -84,7 +84,7 @@ def test_entrypoint_serves_the_demo_model_from_environment_variables(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, base)
+        wait_healthy(proc, port)
         info = httpx.get(f"{base}/info", timeout=30).json()
         assert (info["model_id"], info["max_total_tokens"], info["max_concurrent_requests"]) == (DEMO_MODEL_PATH, 512, 7)
         r = httpx.post(f"{base}/generate", timeout=60,
@@ -98,14 +98,3 @@ def test_entrypoint_serves_the_demo_model_from_environment_variables(tmp_path):
     # graceful-drain work makes a drained exit 0)
     assert proc.returncode in (0, 143, -signal.SIGTERM), output
 
-
-def _wait_healthy(proc: subprocess.Popen, base: str) -> None:
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"the entrypoint exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=30).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)

@@ -182,3 +182,32 @@ def test_endpoint_reasons_name_the_fix():
     assert endpoint_reasons(None) == [] and endpoint_reasons("tcp://*:5557") == []
     assert "must start with tcp://" in endpoint_reasons("localhost:5557")[0]
     assert binds("tcp://*:5557") and binds("ipc:///tmp/kv") and not binds("tcp://indexer:5557")
+
+
+def test_launcher_refuses_a_bad_endpoint_before_loading_anything():
+    import argparse
+
+    from textgen.api.launcher import check_options
+    from textgen.api.launcher_flags import add_flags, resolve
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    o = resolve(parser.parse_args([]), {"KV_EVENTS_ENDPOINT": "localhost:5557", "KV_EVENTS_TOPIC": "kv@pod@m"})
+    assert o["kv_events_topic"] == "kv@pod@m"
+    assert check_options(o) == ["--kv-events-endpoint must start with tcp://, ipc://, inproc:// (e.g. tcp://*:5557); "
+                                "got 'localhost:5557'"]
+
+
+@pytest.mark.slow
+def test_serve_exits_2_when_the_endpoint_cannot_be_opened(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    endpoint = f"ipc://{tmp_path}/no-such-dir/kv"  # binding needs the directory
+    done = subprocess.run([sys.executable, "-m", "textgen.api.cli", "serve", "--backend", "cpu", "--port", str(free_port()),
+                           "--hostname", "127.0.0.1", "--kv-events-endpoint", endpoint], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"textgen serve: error: cannot open the KV events endpoint {endpoint}: ")
