@@ -40,18 +40,3 @@ class AllBlocksCleared:
 KVCacheEvent = BlockStored | BlockRemoved | AllBlocksCleared
 KVEventObserver = Callable[[KVCacheEvent], None]
 
-
-class KVEventSource:
-    """The observer list a block pool owns; `emit` fans an event out in registration order."""
-
-    __slots__ = ("observers",)
-
-    def __init__(self) -> None:
-        self.observers: list[KVEventObserver] = []
-
-    def __bool__(self) -> bool:
-        return bool(self.observers)
-
-    def emit(self, event: KVCacheEvent) -> None:
-        for observer in self.observers:
-            observer(event)

@@ -100,7 +100,7 @@ class KVCacheManager:
             if blocks[i].block_hash is None and self.pool.cache_block(blocks[i], hashes[i]):
                 published.append(i)
         self._num_published[request.request_id] = num_full
-        if published and self.pool.events:
+        if published and self.pool.event_observers:
             self._announce_stored(request, hashes, published)
 
     def _announce_stored(self, request: Any, hashes: list[BlockHash], published: list[int]) -> None:
@@ -115,13 +115,13 @@ class KVCacheManager:
         bs, tokens = self.block_size, request.all_token_ids
         for run in runs:
             first, end = run[0], run[-1] + 1
-            self.pool.events.emit(BlockStored(
+            self.pool.emit(BlockStored(
                 block_hashes=tuple(hashes[first:end]), parent_block_hash=hashes[first - 1] if first else None,
                 token_ids=tuple(tokens[first * bs:end * bs]), block_size=bs))
 
     def add_event_observer(self, observer: KVEventObserver) -> None:
         """Announce every prefix-cache change (`events.py`) to `observer`, on the engine thread."""
-        self.pool.events.observers.append(observer)
+        self.pool.event_observers.append(observer)
 
     def reset_prefix_cache(self) -> int:
         """Forget every published block (blocks in use keep their KV and are not republished;

@@ -91,7 +91,7 @@ def test_reset_announces_all_blocks_cleared(kv_events):
 
 def test_no_observer_builds_no_event():
     kv = KVCacheManager(num_blocks=4, block_size=BS)
-    assert not kv.pool.events
+    assert not kv.pool.event_observers
     compute(kv, req("a", list(range(8))))
     assert len(kv.pool.cached) == 2
 
