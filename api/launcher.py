@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from textgen.api.kv_events import KVEventsError, attach_kv_events, endpoint_reasons
 from textgen.api.launcher_flags import FLAGS, FlagError, add_flags, resolve
 
 log = logging.getLogger("textgen.launcher")
@@ -48,6 +49,7 @@ def check_options(o: Mapping[str, Any]) -> list[str]:
     if o["sharded"] and (num_shard or 1) <= 1:
         reasons.append("`sharded` is true but `num_shard` <= 1")
     reasons += _budget_reasons(o)
+    reasons += endpoint_reasons(o["kv_events_endpoint"])
     for name in ("validation_workers", "max_concurrent_requests", "max_client_batch_size", "payload_limit",
                  "block_size"):
         if o[name] is not None and o[name] <= 0:
@@ -149,12 +151,19 @@ def serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) ->
     engine = _start_engine(options, args)
     if isinstance(engine, int):
         return engine
+    publisher = None
     try:
+        if options["kv_events_endpoint"] is not None:
+            publisher = attach_kv_events(engine, options["kv_events_endpoint"], options["kv_events_topic"])
         for line in budget_lines(engine):
             print(line, flush=True)
         return _run_http(options, engine, start_metrics_listener)
+    except KVEventsError as exc:
+        return _fail(str(exc))
     finally:
         engine.shutdown()
+        if publisher is not None:
+            publisher.close()
 
 
 def _start_engine(options: Mapping[str, Any], args: argparse.Namespace) -> Any:

@@ -110,6 +110,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("num-kv-blocks", "NUM_KV_BLOCKS", int, None, "KV cache blocks (default: from memory)"),
     Flag("prefix-caching", "PREFIX_CACHING", parse_bool, True, "reuse the KV cache of shared prompt prefixes (true/false)"),
     Flag("log-level", "LOG_LEVEL", str, "info", "debug, info, warning or error"),
+    Flag("kv-events-endpoint", "KV_EVENTS_ENDPOINT", str, None, "publish KV-cache events over ZMQ in vLLM's format (tcp://*:5557 binds, tcp://host:port connects)"),
+    Flag("kv-events-topic", "KV_EVENTS_TOPIC", str, "", "ZMQ topic of the KV-cache events (llm-d: kv@<pod-ip>@<model>)"),
 )
 
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics with TGI's names (reference §4.1), plus textgen's KV-cache gauges.
+"""Prometheus metrics with TGI's names (reference §4.1), plus textgen's KV-cache gauges and
+vLLM's queue and KV-cache gauges for gateway endpoint pickers (`metrics_vllm.py`).
 
 Request series are observed by the HTTP layer; the `tgi_batch_*` series by `Metrics.step`, which
 the engine thread calls after every step with a `StepRecord`. A textgen step is one mixed batch
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING
 import prometheus_client
 from prometheus_client import CollectorRegistry, Histogram, Summary
 from prometheus_client.core import GaugeMetricFamily, Metric
+
+from textgen.api.metrics_vllm import VllmGauges
 
 if TYPE_CHECKING:
     from textgen.core.engine.types import StepRecord
@@ -109,7 +112,7 @@ class _EngineGauges:
 
 class Metrics:
     def __init__(self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int,
-                 stats: Callable[[], object]) -> None:
+                 stats: Callable[[], object], model_name: str = "") -> None:
         prometheus_client.disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
         self.counters = _Counters()
@@ -118,6 +121,7 @@ class Metrics:
         self.counters.declare("tgi_request_failure", "Requests that failed, by cause",
                               tuple({"err": e} for e in FAILURE_LABELS))
         self.registry.register(_EngineGauges(stats, max_batch_total_tokens))
+        self.registry.register(VllmGauges(stats, model_name))
         hist = lambda name, doc, buckets: Histogram(name, doc, buckets=buckets, registry=self.registry)  # noqa: E731
         self.duration = hist("tgi_request_duration", "End-to-end request duration (s)", DURATION_BUCKETS)
         self.validation = hist("tgi_request_validation_duration", "Validation duration (s)", DURATION_BUCKETS)

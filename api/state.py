@@ -66,7 +66,8 @@ class AppState:
         config = engine.config
         limits = Limits.from_config(config, grammar_enabled=not settings.disable_grammar_support)
         metrics = Metrics(config.max_input_tokens, config.max_total_tokens,
-                          config.max_batch_total_tokens or config.max_total_tokens, engine.stats)
+                          config.max_batch_total_tokens or config.max_total_tokens, engine.stats,
+                          model_name=engine.model_id)
         engine.add_step_observer(metrics.step)
         grammar = engine_grammar(engine) if limits.grammar_enabled else None
         return cls(engine, settings, limits, Validator(engine.tokenizer, limits, settings.validation_workers, grammar),

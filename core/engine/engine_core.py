@@ -252,6 +252,8 @@ class EngineCore:
             kv_cache_usage=s.kv_cache_usage, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, batch_max_tokens=self.last_step_tokens,
             num_kv_blocks=self.scheduler.config.num_blocks, block_size=self.config.block_size,
+            kv_cache_dtype=str(self.runner.dtype).removeprefix("torch."),
+            enable_prefix_caching=self.config.enable_prefix_caching,
         )
 
 

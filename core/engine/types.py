@@ -75,6 +75,8 @@ class EngineStats:
     batch_max_tokens: int  # tokens scheduled in the last step
     num_kv_blocks: int
     block_size: int
+    kv_cache_dtype: str = "auto"  # dtype of the KV cache tensors ("float32", "bfloat16", ...)
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True, slots=True)

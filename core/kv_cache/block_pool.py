@@ -6,6 +6,8 @@ Invariants:
   still be hit, until it is popped from the free list for reuse: that is its eviction);
 - at most one block per hash: when two requests compute the same block at once, the second copy
   stays unpublished and is freed as a plain block.
+Cache changes (a block published, evicted, or every hash dropped) are announced to
+`event_observers` (`events.py`) on the calling thread; with no observer no event is built.
 There is no reserved "null" block: ids 0 .. num_blocks-1 are all usable and a fresh pool hands
 them out in increasing order. Runners pad block tables with any id and must mask by seq_lens.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from textgen.core.kv_cache.block import BlockHash, FreeBlockQueue, KVBlock
+from textgen.core.kv_cache.events import AllBlocksCleared, BlockRemoved, KVCacheEvent, KVEventObserver
 
 
 class BlockPool:
@@ -23,6 +26,7 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[BlockHash, KVBlock] = {}
+        self.event_observers: list[KVEventObserver] = []
 
     @property
     def num_blocks(self) -> int:
@@ -81,9 +85,18 @@ class BlockPool:
         for block in self.cached.values():
             block.block_hash = None
         self.cached.clear()
+        if self.event_observers:
+            self.emit(AllBlocksCleared())
         return dropped
+
+    def emit(self, event: KVCacheEvent) -> None:
+        """Announce a cache change to every observer, in registration order."""
+        for observer in self.event_observers:
+            observer(event)
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:
             del self.cached[block.block_hash]
+            if self.event_observers:
+                self.emit(BlockRemoved((block.block_hash,)))
             block.block_hash = None

@@ -15,6 +15,7 @@ from typing import Any
 
 from textgen.core.kv_cache.block import BlockHash, KVBlock
 from textgen.core.kv_cache.block_pool import BlockPool
+from textgen.core.kv_cache.events import BlockStored, KVEventObserver
 from textgen.core.kv_cache.hashing import extend_block_hashes, request_extra_keys
 
 
@@ -94,9 +95,33 @@ class KVCacheManager:
         if num_full <= start:
             return
         hashes = self._block_hashes(request)
+        published = []
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[i], hashes[i])
+            if blocks[i].block_hash is None and self.pool.cache_block(blocks[i], hashes[i]):
+                published.append(i)
         self._num_published[request.request_id] = num_full
+        if published and self.pool.event_observers:
+            self._announce_stored(request, hashes, published)
+
+    def _announce_stored(self, request: Any, hashes: list[BlockHash], published: list[int]) -> None:
+        """One BlockStored per run of consecutive newly published blocks (a block that lost the
+        race to an identical one breaks the chain; its hash is already announced)."""
+        runs: list[list[int]] = []
+        for i in published:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        bs, tokens = self.block_size, request.all_token_ids
+        for run in runs:
+            first, end = run[0], run[-1] + 1
+            self.pool.emit(BlockStored(
+                block_hashes=tuple(hashes[first:end]), parent_block_hash=hashes[first - 1] if first else None,
+                token_ids=tuple(tokens[first * bs:end * bs]), block_size=bs))
+
+    def add_event_observer(self, observer: KVEventObserver) -> None:
+        """Announce every prefix-cache change (`events.py`) to `observer`, on the engine thread."""
+        self.pool.event_observers.append(observer)
 
     def reset_prefix_cache(self) -> int:
         """Forget every published block (blocks in use keep their KV and are not republished;
