@@ -199,6 +199,8 @@ class Validator:
     async def validate(self, inputs: str, p: GenerateParameters, add_special_tokens: bool = True) -> ValidRequest:
         """Raises ApiError (422 validation) with TGI's first failing message."""
         check_parameters(p, self.limits)
+        if p.adapter_id is not None:
+            raise validation_error(f"LoRA adapters are not enabled: `adapter_id` {p.adapter_id!r} cannot be served")
         if inputs == "":
             raise validation_error("`inputs` cannot be empty")
         if p.truncate is not None and not 0 < p.truncate <= self.limits.max_input_tokens:

@@ -49,9 +49,11 @@ def negotiate(infos: list[AttentionBackendInfo], specs: list[AttentionSpec], blo
               kv_cache_dtype: torch.dtype | None, forced: str | None = None) -> KernelChoice:
     """See the module docstring. Raises AttentionSelectionError naming every rejected kernel."""
     if forced is not None:
+        offered = ", ".join(i.name for i in infos) or "none"
         infos = [i for i in infos if i.name == forced]
         if not infos:
-            raise AttentionSelectionError(f"attention backend '{forced}' is not offered by this backend")
+            raise AttentionSelectionError(f"attention backend '{forced}' is not offered by this backend "
+                                          f"(offered: {offered})")
     rejected: list[Rejection] = []
     for info in sorted(infos, key=lambda i: -i.priority):
         kernel_cls = load_class(info.class_path)

@@ -31,8 +31,12 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, model_id: str, backend: str | None = None, dtype: str = "auto", **config: Any) -> None:
-        self.engine = EngineCore(EngineConfig(model_id=model_id, backend=backend, dtype=dtype, **config))
+    def __init__(self, model_id: str, backend: str | None = None, dtype: str = "auto", plugin_manager: Any = None,
+                 **config: Any) -> None:
+        """`plugin_manager`: a `PluginManager` to select the backend from (default: the installed
+        plugins); it is used up by the selection, so pass a fresh one per engine."""
+        self.engine = EngineCore(EngineConfig(model_id=model_id, backend=backend, dtype=dtype, **config),
+                                 plugin_manager)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

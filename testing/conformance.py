@@ -27,8 +27,11 @@ from textgen.core.attention import AttentionSpec
 from textgen.testing.steps import StepRow, fill_step, kernel_metadata
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from textgen.core.attention import AttentionBackend
     from textgen.core.backend import Backend
+    from textgen.core.plugins import PluginManager
 
 # request i: cached[i] tokens already in the cache, query[i] computed in the step
 MIXED_STEPS = (
@@ -64,11 +67,15 @@ class ConformanceReport:
         return "\n".join(lines)
 
 
-def run_conformance(backend_name: str, plugin_manager: object = None, workdir: Path | None = None) -> ConformanceReport:
-    """Run every check against backend `backend_name`; never raises for a failing check."""
+def run_conformance(backend_name: str, make_plugin_manager: Callable[[], PluginManager] | None = None,
+                    workdir: Path | None = None) -> ConformanceReport:
+    """Run every check against backend `backend_name`; never raises for a failing check.
+    `make_plugin_manager` builds a fresh manager per engine (selection unregisters the other
+    backends); the default finds the installed plugins."""
     from textgen.core.plugins import PluginManager
 
-    pm = plugin_manager or PluginManager()
+    make = make_plugin_manager or PluginManager
+    pm = make()
     backend = pm.create_backend(None, forced=backend_name)
     infos = [i for group in pm.hook.textgen_attention_backends(backend=backend) if group for i in group]
     report = ConformanceReport(backend.name)
@@ -78,7 +85,7 @@ def run_conformance(backend_name: str, plugin_manager: object = None, workdir: P
         report.kernel = kernel_cls.name
         report.results += check_kernel(kernel_cls, backend)
         report.results.append(_guarded("logits", lambda: check_logits(backend, infos, model_dir)))
-        report.results.append(_guarded("engine", lambda: check_engine(backend_name, model_dir, _dtype(backend))))
+        report.results.append(_guarded("engine", lambda: check_engine(backend_name, model_dir, _dtype(backend), make)))
     return report
 
 
@@ -250,15 +257,17 @@ ENGINE_PROMPTS = ("def fib(n):", "import os\nimport sys", "class Stack:\n    def
                   "for i in range(10):")
 
 
-def check_engine(backend_name: str, model_dir: Path, dtype: torch.dtype) -> CheckResult:
+def check_engine(backend_name: str, model_dir: Path, dtype: torch.dtype,
+                 make_plugin_manager: Callable[[], PluginManager]) -> CheckResult:
     """Greedy tokens must be identical in float32; in a half type the two backends round
     differently, so the report shows how far they agree and the check needs half the tokens."""
     from textgen.core.llm import LLM
 
     tokens, name = 12, str(dtype).removeprefix("torch.")
     params = dict(max_new_tokens=tokens, temperature=0.0)
-    theirs = LLM(str(model_dir), backend=backend_name, dtype=name).generate(list(ENGINE_PROMPTS), **params)
-    ours = LLM(str(model_dir), backend="cpu", dtype=name).generate(list(ENGINE_PROMPTS), **params)
+    theirs = LLM(str(model_dir), backend=backend_name, dtype=name, plugin_manager=make_plugin_manager())
+    ours = LLM(str(model_dir), backend="cpu", dtype=name, plugin_manager=make_plugin_manager())
+    theirs, ours = (llm.generate(list(ENGINE_PROMPTS), **params) for llm in (theirs, ours))
     agree = [_common_prefix(a.token_ids, b.token_ids) for a, b in zip(theirs, ours)]
     detail = (f"{len(ENGINE_PROMPTS)} prompts batched, {tokens} greedy tokens each: identical leading tokens "
               f"{agree} (errors: {[c.error for c in theirs if c.error] or 'none'})")

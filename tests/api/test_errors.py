@@ -203,3 +203,11 @@ def test_overloaded_is_429_and_an_event_on_streams(strict_server):
         assert [json.loads(e) for e in events] == [{"error": "Model is overloaded", "error_type": "overloaded"}]
     metrics = httpx.get(base + "/metrics", timeout=60).text
     assert 'tgi_request_failure{err="overloaded"} 2.0' in metrics
+
+
+def test_adapter_id_is_refused_until_lora_lands(server):
+    """`adapter_id` was accepted and silently ignored: a request for an adapter got the base model."""
+    r = post(server.base_url, "/generate", {"inputs": "x", "parameters": {"adapter_id": "my-lora", "max_new_tokens": 2}})
+    assert r.status_code == 422
+    assert r.json() == {"error": V + "LoRA adapters are not enabled: `adapter_id` 'my-lora' cannot be served",
+                        "error_type": "validation"}
