@@ -91,6 +91,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("num-kv-blocks", "NUM_KV_BLOCKS", int, None, "KV cache blocks (default: from memory)"),
     Flag("prefix-caching", "PREFIX_CACHING", parse_bool, True, "reuse the KV cache of shared prompt prefixes (true/false)"),
     Flag("log-level", "LOG_LEVEL", str, "info", "debug, info, warning or error"),
+    Flag("shutdown-timeout", "SHUTDOWN_TIMEOUT", float, 30.0, "seconds a SIGTERM/SIGINT drain waits for requests in flight"),
+    Flag("watchdog-timeout", "WATCHDOG_TIMEOUT", float, 60.0, "/health fails when no engine step completes for this many seconds while requests are open"),
 )
 
 
