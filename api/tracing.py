@@ -46,9 +46,10 @@ def _tracer() -> Any:
     return trace.get_tracer(TRACER_NAME)
 
 
-def _epoch_ns(monotonic_s: float) -> int:
-    """A time.monotonic() instant as the epoch nanoseconds OpenTelemetry wants."""
-    return time.time_ns() - time.monotonic_ns() + int(monotonic_s * 1e9)
+def _epoch_offset_ns() -> int:
+    """Add to time.monotonic() nanoseconds to get the epoch nanoseconds OpenTelemetry wants; taken
+    once per timeline, so that adjacent spans share their boundaries exactly."""
+    return time.time_ns() - time.monotonic_ns()
 
 
 @dataclass(slots=True)
@@ -145,27 +146,28 @@ class EngineTimeline:
             self.finish_reason, self.error = event.finish_reason, event.error
 
     def record(self, rt: RequestTrace) -> None:
-        now = time.monotonic()
+        now, offset = time.monotonic(), _epoch_offset_ns()
         scheduled = self.arrival + self.queue_s if self.queue_s is not None else now
         attributes = {"textgen.request_id": self.request_id}
-        self._span(rt, "queue", self.arrival, scheduled, attributes)
+        self._span(rt, offset, "queue", self.arrival, scheduled, attributes)
         if self.queue_s is None or self.first_token_s is None:
             return
         first = scheduled + self.first_token_s
-        self._span(rt, "prefill", scheduled, first, {**attributes, "gen_ai.usage.input_tokens": self.input_tokens,
+        self._span(rt, offset, "prefill", scheduled, first, {**attributes, "gen_ai.usage.input_tokens": self.input_tokens,
                                                       "textgen.cached_tokens": self.cached_tokens})
-        self._span(rt, "decode", first, scheduled + self.inference_s,
+        self._span(rt, offset, "decode", first, scheduled + self.inference_s,
                    {**attributes, "gen_ai.usage.output_tokens": self.output_tokens,
                     "gen_ai.response.finish_reasons": [self.finish_reason or "unknown"]})
 
-    def _span(self, rt: RequestTrace, name: str, start: float, end: float, attributes: dict[str, Any]) -> None:
-        child = rt.child(name, _epoch_ns(start))
+    def _span(self, rt: RequestTrace, offset: int, name: str, start: float, end: float,
+              attributes: dict[str, Any]) -> None:
+        child = rt.child(name, offset + round(start * 1e9))
         child.set_attributes(attributes)
         if self.error and name != "queue":
             from opentelemetry.trace import Status, StatusCode
 
             child.set_status(Status(StatusCode.ERROR, self.error))
-        child.end(_epoch_ns(max(start, end)))
+        child.end(offset + round(max(start, end) * 1e9))
 
 
 class TracingMiddleware:
