@@ -122,6 +122,12 @@ def listen_address(hostname: str) -> str:
     return hostname
 
 
+def model_line(o: Mapping[str, Any], engine: Any) -> str:
+    """What is being served, in one line: model, revision, backend, dtype, quantization."""
+    return (f"model {engine.model_id} revision {o['revision'] or 'default'} backend {engine.backend_name} "
+            f"device {engine.device} dtype {engine.dtype} quantize {o['quantize'] or 'none'}")
+
+
 def budget_lines(engine: Any) -> list[str]:
     """The engine's own start-up report (backend, KV cache, budgets), or the budgets alone."""
     lines = list(getattr(getattr(engine, "core", None), "startup_lines", []) or [])
@@ -152,6 +158,7 @@ def serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) ->
     if isinstance(engine, int):
         return engine
     try:
+        print(model_line(options, engine), flush=True)
         for line in budget_lines(engine):
             print(line, flush=True)
         return _run_http(options, engine, start_metrics_listener, tracer_provider is not None)

@@ -50,7 +50,8 @@ async def unhealthy_reason(state: AppState) -> str | None:
     try:
         await asyncio.wait_for(state.engine.health_check(), min(state.settings.health_timeout_s, watchdog))
     except TimeoutError:
-        return state.engine.health_problem(0.0) or f"the health generation took longer than {watchdog:g} s"
+        # it waited `watchdog` seconds: a loop stuck all along is past the watchdog by now
+        return state.engine.health_problem(watchdog) or f"the health generation took longer than {watchdog:g} s"
     except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
         log.exception("health check failed")
         return f"the health generation failed: {exc}"

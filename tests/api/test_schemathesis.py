@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from tests.api.conftest import make_engine  # noqa: E402
 
+pytestmark = pytest.mark.slow
 MAX_EXAMPLES = 5  # per operation and generation mode
 
 

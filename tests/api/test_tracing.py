@@ -20,6 +20,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from tests.api.conftest import free_port  # noqa: E402
 from tests.api.serve_process import start_serve  # noqa: E402
 
+pytestmark = pytest.mark.slow
 SERVICE = "textgen-under-test"
 ENGINE_SPANS = ("queue", "prefill", "decode")
 
