@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from textgen.api import tracing
 from textgen.api.errors import ApiError, ClientDisconnected, generation_error, incomplete_generation, overloaded
+from textgen.api.latency_metrics import LatencyMetrics
 from textgen.api.validation import ValidRequest
 from textgen.core.engine.types import EngineRequest, RequestOutput, TokenInfo
 
@@ -102,24 +104,21 @@ def with_seeds(valid: ValidRequest, n: int) -> list[ValidRequest]:
 
 
 class GenerationService:
-    def __init__(self, engine: Any, max_concurrent_requests: int) -> None:
+    def __init__(self, engine: Any, max_concurrent_requests: int, latency: LatencyMetrics | None = None) -> None:
         self.engine = engine
         self.permits = Permits(max_concurrent_requests)
+        self.latency = latency
 
     def _engine_request(self, valid: ValidRequest) -> EngineRequest:
         return EngineRequest(uuid.uuid4().hex, list(valid.prompt_ids), valid.params)
 
     async def generate(self, valid: ValidRequest) -> Generation:
         gen = Generation(input_length=valid.input_length)
-        events = self.engine.generate(self._engine_request(valid))
-        try:
-            async for event in events:
-                gen.add(event)
-                if event.finished:
-                    check_final(event)
-                    return gen
-        finally:
-            await events.aclose()
+        async for event in self._events(valid):
+            gen.add(event)
+            if event.finished:
+                check_final(event)
+                return gen
         raise incomplete_generation()
 
     async def generate_many(self, requests: list[ValidRequest]) -> list[Generation]:
@@ -134,7 +133,7 @@ class GenerationService:
 
     async def stream(self, valid: ValidRequest) -> AsyncIterator[RequestOutput]:
         """Token events; an engine failure raises ApiError after the events before it."""
-        events = self.engine.generate(self._engine_request(valid))
+        events = self._events(valid)
         try:
             async for event in events:
                 if event.finished:
@@ -145,6 +144,25 @@ class GenerationService:
         finally:
             await events.aclose()
         raise incomplete_generation(stream=True)
+
+    async def _events(self, valid: ValidRequest) -> AsyncIterator[RequestOutput]:
+        """The engine's events for one request; when the HTTP request is traced, its timeline
+        becomes the queue/prefill/decode spans once the request ends (finished or aborted)."""
+        request = self._engine_request(valid)
+        rt = tracing.current()
+        timeline = tracing.EngineTimeline(request.request_id, request.arrival_time, valid.input_length)
+        events = self.engine.generate(request)
+        since_arrival: float | None = None
+        try:
+            async for event in events:
+                timeline.add(event)
+                if self.latency is not None:
+                    since_arrival = self.latency.observe(event, since_arrival)
+                yield event
+        finally:
+            await events.aclose()
+            if rt is not None:
+                rt.engine_done(timeline)
 
 
 async def abort_on_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from textgen.api.errors import ApiError, describe_validation_errors, deserialize_error
 from textgen.api.proto import textgen_pb2 as pb
 from textgen.api.proto import textgen_pb2_grpc as pb_grpc
-from textgen.api.routes_info import healthy
+from textgen.api.routes_info import unhealthy_reason
 from textgen.api.routes_tgi import generate_json, tgi_stream
 from textgen.api.schemas_tgi import GenerateRequest, default_parameters
 from textgen.api.state import AppState
@@ -133,8 +133,9 @@ class TextGenerationService(pb_grpc.TextGenerationServicer):
             max_total_tokens=c.max_total_tokens, max_top_n_tokens=c.max_top_n_tokens, version=self.state.version)
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:  # noqa: N802
-        if not await healthy(self.state):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "unhealthy")
+        reason = await unhealthy_reason(self.state)
+        if reason is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"unhealthy: {reason}")
         return pb.HealthResponse()
 
 

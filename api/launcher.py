@@ -54,6 +54,9 @@ def check_options(o: Mapping[str, Any]) -> list[str]:
                  "block_size"):
         if o[name] is not None and o[name] <= 0:
             reasons.append(f"`{name}` must be > 0")
+    for name in ("shutdown_timeout", "watchdog_timeout"):
+        if o[name] is not None and not o[name] > 0:
+            reasons.append(f"`{name}` must be > 0 seconds. Given: {o[name]}")
     for name in ("port", "grpc_port", "prometheus_port"):
         if o[name] is not None and not 0 < o[name] < 65536:
             reasons.append(f"`{name}` must be between 1 and 65535. Given: {o[name]}")
@@ -100,7 +103,7 @@ def engine_config(o: Mapping[str, Any], args: argparse.Namespace) -> Any:
     )
 
 
-def server_settings(o: Mapping[str, Any], engine: Any) -> Any:
+def server_settings(o: Mapping[str, Any], engine: Any, tracing: bool = False) -> Any:
     from textgen.api.state import ServerSettings
 
     compute_type = os.environ.get("COMPUTE_TYPE") or f"{o['num_shard'] or 1}-{engine.device}"
@@ -108,7 +111,8 @@ def server_settings(o: Mapping[str, Any], engine: Any) -> Any:
         max_client_batch_size=o["max_client_batch_size"], validation_workers=o["validation_workers"],
         api_key=o["api_key"], cors_allow_origin=list(o["cors_allow_origin"]), payload_limit=o["payload_limit"],
         compute_type=compute_type, disable_grammar_support=o["disable_grammar_support"], grpc_port=o["grpc_port"],
-        hostname=o["hostname"],
+        hostname=o["hostname"], shutdown_timeout_s=o["shutdown_timeout"], watchdog_timeout_s=o["watchdog_timeout"],
+        tracing=tracing,
     )
 
 
@@ -120,6 +124,12 @@ def listen_address(hostname: str) -> str:
         log.warning("invalid hostname %r, listening on 0.0.0.0", hostname)
         return "0.0.0.0"
     return hostname
+
+
+def model_line(o: Mapping[str, Any], engine: Any) -> str:
+    """What is being served, in one line: model, revision, backend, dtype, quantization."""
+    return (f"model {engine.model_id} revision {o['revision'] or 'default'} backend {engine.backend_name} "
+            f"device {engine.device} dtype {engine.dtype} quantize {o['quantize'] or 'none'}")
 
 
 def budget_lines(engine: Any) -> list[str]:
@@ -147,7 +157,7 @@ def serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) ->
     from textgen.api.observability import configure_logging, configure_tracing, start_metrics_listener
 
     configure_logging(options["json_output"], options["log_level"])
-    configure_tracing(options["otlp_endpoint"], options["otlp_service_name"])
+    tracer_provider = configure_tracing(options["otlp_endpoint"], options["otlp_service_name"])
     engine = _start_engine(options, args)
     if isinstance(engine, int):
         return engine
@@ -155,15 +165,18 @@ def serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) ->
     try:
         if options["kv_events_endpoint"] is not None:
             publisher = attach_kv_events(engine, options["kv_events_endpoint"], options["kv_events_topic"])
+        print(model_line(options, engine), flush=True)
         for line in budget_lines(engine):
             print(line, flush=True)
-        return _run_http(options, engine, start_metrics_listener)
+        return _run_http(options, engine, start_metrics_listener, tracer_provider is not None)
     except KVEventsError as exc:
         return _fail(str(exc))
     finally:
         engine.shutdown()
         if publisher is not None:
             publisher.close()
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # exports the spans still batched
 
 
 def _start_engine(options: Mapping[str, Any], args: argparse.Namespace) -> Any:
@@ -182,16 +195,20 @@ def _start_engine(options: Mapping[str, Any], args: argparse.Namespace) -> Any:
         return EXIT_FAILURE
 
 
-def _run_http(options: Mapping[str, Any], engine: Any, start_metrics_listener: Any) -> int:
+def _run_http(options: Mapping[str, Any], engine: Any, start_metrics_listener: Any, tracing: bool) -> int:
+    """Serves until a signal's drain ends (lifecycle.DrainingServer): 0 after a drain."""
     import uvicorn
 
+    from textgen.api.lifecycle import DrainingServer
     from textgen.api.server import create_app
 
-    settings = server_settings(options, engine)
+    settings = server_settings(options, engine, tracing)
     app = create_app(engine, settings)
     host = listen_address(options["hostname"])
     if options["prometheus_port"] is not None:
         start_metrics_listener(app.state.textgen.metrics, host, options["prometheus_port"])
-    uvicorn.run(app, host=host, port=options["port"], log_level=options["log_level"].lower(),
-                log_config=None, timeout_graceful_shutdown=30)
-    return 0
+    config = uvicorn.Config(app, host=host, port=options["port"], log_level=options["log_level"].lower(),
+                            log_config=None, timeout_graceful_shutdown=1)  # the drain already waited
+    server = DrainingServer(config, app.state.textgen.drain, settings.shutdown_timeout_s)
+    server.run()
+    return 0 if server.started else EXIT_FAILURE

@@ -112,6 +112,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("log-level", "LOG_LEVEL", str, "info", "debug, info, warning or error"),
     Flag("kv-events-endpoint", "KV_EVENTS_ENDPOINT", str, None, "publish KV-cache events over ZMQ in vLLM's format (tcp://*:5557 binds, tcp://host:port connects)"),
     Flag("kv-events-topic", "KV_EVENTS_TOPIC", str, "", "ZMQ topic of the KV-cache events (llm-d: kv@<pod-ip>@<model>)"),
+    Flag("shutdown-timeout", "SHUTDOWN_TIMEOUT", float, 30.0, "seconds a SIGTERM/SIGINT drain waits for requests in flight"),
+    Flag("watchdog-timeout", "WATCHDOG_TIMEOUT", float, 60.0, "/health fails when no engine step completes for this many seconds while requests are open"),
 )
 
 

@@ -7,7 +7,10 @@ import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("textgen.launcher")
 
@@ -35,10 +38,11 @@ def configure_logging(json_output: bool, level: str) -> None:
         logging.getLogger(name).propagate = True
 
 
-def configure_tracing(endpoint: str | None, service_name: str) -> bool:
-    """Install an OTLP/gRPC span exporter; returns whether tracing is on."""
+def configure_tracing(endpoint: str | None, service_name: str) -> TracerProvider | None:
+    """Install an OTLP/gRPC span exporter as the global tracer provider; returns it (None: tracing
+    is off). The caller shuts it down at exit, which exports the spans still batched."""
     if not endpoint:
-        return False
+        return None
     try:
         from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -47,13 +51,13 @@ def configure_tracing(endpoint: str | None, service_name: str) -> bool:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         log.warning("tracing is disabled: --otlp-endpoint needs opentelemetry-sdk and "
-                    "opentelemetry-exporter-otlp (pip install opentelemetry-exporter-otlp)")
-        return False
+                    "opentelemetry-exporter-otlp-proto-grpc (pip install textgen[tracing])")
+        return None
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
     trace.set_tracer_provider(provider)
     log.info("tracing: exporting spans to %s as %s", endpoint, service_name)
-    return True
+    return provider
 
 
 def start_metrics_listener(metrics: Any, host: str, port: int) -> ThreadingHTTPServer:

@@ -24,7 +24,7 @@ from textgen.api.errors import ApiError
 from textgen.api.generation import Generation, abort_on_disconnect, with_seeds
 from textgen.api.openai_format import Envelope, StopTrimmer, finish_reason, trimmed_text, usage
 from textgen.api.openai_params import check_n, completion_parameters, validate_openai
-from textgen.api.routes_tgi import ERRORS
+from textgen.api.openapi_doc import GENERATION, stream_ok
 from textgen.api.schemas_openai import CompletionRequest
 from textgen.api.state import AppState, app_state
 from textgen.api.streaming import DONE, EventStreamResponse, merge, sse_data
@@ -112,7 +112,7 @@ def _choice_logprobs(body: CompletionRequest, gen: Generation, prompt: str) -> d
     return _join(echoed, builder.generated(gen.tokens, gen.top_tokens))
 
 
-@router.post("/v1/completions", responses=ERRORS)
+@router.post("/v1/completions", responses={**GENERATION, **stream_ok(json_too=True)})
 async def completions(request: Request, body: CompletionRequest) -> Response:
     state, clock = app_state(request), RequestClock()
     env = Envelope(state.model_id, int(time.time()), state.system_fingerprint)

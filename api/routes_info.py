@@ -5,9 +5,9 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from textgen.api.errors import ApiError
+from textgen.api.openapi_doc import PLAIN_TEXT, HealthError
 from textgen.api.state import AppState, app_state
 
 router = APIRouter()
@@ -38,27 +38,39 @@ async def get_info(request: Request) -> Response:
     return JSONResponse(info(app_state(request)))
 
 
-async def healthy(state: AppState) -> bool:
-    """TGI's /health runs a real generation step; a dead engine thread fails at once."""
-    if not state.engine.is_healthy():
-        return False
+async def unhealthy_reason(state: AppState) -> str | None:
+    """None when healthy. TGI's /health runs a real generation step; a drain, a dead engine
+    thread or a stuck step (the watchdog) fail at once, without queueing a generation."""
+    if state.drain.draining:
+        return "draining: the server is shutting down"
+    watchdog = state.settings.watchdog_timeout_s
+    problem = state.engine.health_problem(watchdog)
+    if problem is not None:
+        return problem
     try:
-        await asyncio.wait_for(state.engine.health_check(), state.settings.health_timeout_s)
-    except Exception:  # noqa: BLE001 - any failure means unhealthy
+        await asyncio.wait_for(state.engine.health_check(), min(state.settings.health_timeout_s, watchdog))
+    except TimeoutError:
+        # it waited `watchdog` seconds: a loop stuck all along is past the watchdog by now
+        return state.engine.health_problem(watchdog) or f"the health generation took longer than {watchdog:g} s"
+    except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
         log.exception("health check failed")
-        return False
-    return True
+        return f"the health generation failed: {exc}"
+    return None
 
 
-@router.get("/health", responses={503: {"description": "unhealthy"}})
+@router.get("/health", response_class=Response, responses={
+    200: {"description": "Healthy: empty body (TGI's answer)"},
+    503: {"description": "Unhealthy, draining, or the engine is dead or stuck; `reason` says which",
+          "model": HealthError}})
 @router.get("/ping", include_in_schema=False)
 @router.get("/", include_in_schema=False)
 async def health(request: Request) -> Response:
-    if await healthy(app_state(request)):
+    reason = await unhealthy_reason(app_state(request))
+    if reason is None:
         return Response(status_code=200)
-    return ApiError(503, "unhealthy", "healthcheck").response()
+    return JSONResponse({"error": "unhealthy", "error_type": "healthcheck", "reason": reason}, status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=PLAIN_TEXT)
 async def metrics(request: Request) -> Response:
     return Response(app_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -23,7 +23,8 @@ from textgen.api.errors import ApiError
 from textgen.api.generation import Generation, abort_on_disconnect, with_seeds
 from textgen.api.openai_format import Envelope, StopTrimmer, finish_reason, logprob_entry, trimmed_text, usage
 from textgen.api.openai_params import chat_parameters, check_n, validate_openai
-from textgen.api.routes_tgi import ERRORS, simple_tokens
+from textgen.api.openapi_doc import GENERATION, TOKENIZE, stream_ok
+from textgen.api.routes_tgi import simple_tokens
 from textgen.api.schemas_openai import ChatRequest
 from textgen.api.schemas_tgi import GrammarType
 from textgen.api.state import AppState, app_state
@@ -80,7 +81,7 @@ class ChatJob:
         return with_seeds(await self.validate(prompt, None), self.n)
 
 
-@router.post("/v1/chat/completions", responses=ERRORS)
+@router.post("/v1/chat/completions", responses={**GENERATION, **stream_ok(json_too=True)})
 async def chat_completions(request: Request, body: ChatRequest) -> Response:
     state, clock = app_state(request), RequestClock()
     env = envelope(state, body.model)
@@ -182,7 +183,7 @@ async def _tool_choice(job: ChatJob, env: Envelope, i: int, valid: ValidRequest,
             yield chunk
 
 
-@router.post("/chat_tokenize")
+@router.post("/chat_tokenize", responses=TOKENIZE)
 async def chat_tokenize(request: Request, body: ChatRequest) -> Response:
     state = app_state(request)
     prompt = await render_prompt(state, body, plan_tools(body))

@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, Response
 
 from textgen.api.errors import ApiError, validation_error
 from textgen.api.generation import Generation, abort_on_disconnect, with_seeds
+from textgen.api.openapi_doc import GENERATION, TOKENIZE, stream_ok
 from textgen.api.schemas_tgi import CompatGenerateRequest, GenerateRequest
 from textgen.api.state import AppState, app_state
 from textgen.api.streaming import EventStreamResponse, sse_data
@@ -17,9 +18,6 @@ from textgen.api.timing import RequestClock, stream_headers, timing_headers
 from textgen.api.validation import check_best_of
 
 router = APIRouter()
-ERRORS = {code: {"description": text} for code, text in (
-    (422, "Input validation error"), (424, "Generation error"), (429, "Model is overloaded"),
-    (500, "Incomplete generation"))}
 
 
 async def generate_json(state: AppState, request: Request | None, body: GenerateRequest,
@@ -81,14 +79,14 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         await events.aclose()
 
 
-@router.post("/generate", responses=ERRORS)
+@router.post("/generate", responses=GENERATION)
 async def generate(request: Request, body: GenerateRequest) -> Response:
     state = app_state(request)
     payload, headers = await generate_json(state, request, body, bool(body.parameters.return_full_text))
     return JSONResponse(payload, headers=headers)
 
 
-@router.post("/generate_stream", responses=ERRORS)
+@router.post("/generate_stream", responses={**GENERATION, **stream_ok(json_too=False)})
 async def generate_stream(request: Request, body: GenerateRequest) -> Response:
     state = app_state(request)
     return generate_stream_response(state, body, bool(body.parameters.return_full_text))
@@ -104,12 +102,12 @@ async def compat_response(state: AppState, request: Request, body: CompatGenerat
     return JSONResponse([payload], headers=headers)
 
 
-@router.post("/", responses=ERRORS)
+@router.post("/", responses={**GENERATION, **stream_ok(json_too=True)})
 async def compat_generate(request: Request, body: CompatGenerateRequest) -> Response:
     return await compat_response(app_state(request), request, body)
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=TOKENIZE)
 async def tokenize(request: Request, body: GenerateRequest) -> Response:
     state = app_state(request)
     return JSONResponse(await simple_tokens(state, body.inputs, add_special_tokens=True))

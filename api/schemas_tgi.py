@@ -15,7 +15,10 @@ I32 = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """JSON has no NaN or Infinity; Python's parser accepts them (and 1e999 overflows to inf), so
+    every float field refuses non-finite values here (422) instead of failing at generation."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class GrammarType(_Body):

@@ -18,10 +18,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from textgen.api import routes_completions, routes_info, routes_openai, routes_tgi
+from textgen.api import openapi_doc, routes_completions, routes_info, routes_openai, routes_tgi
 from textgen.api.errors import (ApiError, ClientDisconnected, describe_validation_errors, deserialize_error,
                                 invalid_json)
+from textgen.api.lifecycle import DrainMiddleware
 from textgen.api.middleware import GuardMiddleware
+from textgen.api.routes_ui import add_ui_routes
+from textgen.api.tracing import TracingMiddleware
 from textgen.api.schemas_openai import ChatRequest, CompletionRequest
 from textgen.api.schemas_tgi import CompatGenerateRequest
 from textgen.api.state import AppState, ServerSettings, app_state
@@ -54,8 +57,11 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
 
 
 async def _on_http_error(request: Request, exc: HTTPException) -> Response:
+    """404/405 in TGI's error format; a 405 keeps Starlette's `Allow` header (RFC 9110 requires it)."""
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
-    return ApiError(exc.status_code, str(exc.detail), kind).response()
+    response = ApiError(exc.status_code, str(exc.detail), kind).response()
+    response.headers.update(exc.headers or {})
+    return response
 
 
 def _parse(model: type[BaseModel], payload: Any) -> Any:
@@ -98,19 +104,25 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
             if grpc_server is not None:
                 await grpc_server.stop(grace=1.0)
 
-    app = FastAPI(title="textgen", version=state.version, docs_url="/docs", openapi_url="/api-doc/openapi.json",
+    app = FastAPI(title="textgen", version=state.version, docs_url=None, openapi_url="/api-doc/openapi.json",
                   redoc_url=None, lifespan=lifespan,
                   description="Text generation server compatible with text-generation-inference and OpenAI clients")
     app.state.textgen = state
     for router in (routes_tgi.router, routes_openai.router, routes_completions.router, routes_info.router):
         app.include_router(router)
-    app.add_api_route("/invocations", invocations, methods=["POST"], responses=routes_tgi.ERRORS)
+    add_ui_routes(app, "/api-doc/openapi.json")
+    openapi_doc.install(app, stream_only_paths=("/generate_stream",))
+    app.add_api_route("/invocations", invocations, methods=["POST"],
+                      responses={**openapi_doc.GENERATION, **openapi_doc.stream_ok(json_too=True)})
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_request_error)
     app.add_exception_handler(ClientDisconnected, _on_disconnect)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, payload_limit=settings.payload_limit)
+    app.add_middleware(DrainMiddleware, drain=state.drain)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origin or ["*"],
                        allow_methods=["GET", "POST"], allow_headers=["content-type"])
+    if settings.tracing:  # outermost: the root span covers the other middlewares' answers too
+        app.add_middleware(TracingMiddleware, model=state.model_id)
     return app

@@ -12,6 +12,8 @@ from starlette.requests import Request
 
 from textgen.api.errors import ApiError, ClientDisconnected
 from textgen.api.generation import GenerationService
+from textgen.api.latency_metrics import LatencyMetrics
+from textgen.api.lifecycle import Drain
 from textgen.api.metrics import Metrics
 from textgen.api.validation import Limits, Validator
 
@@ -44,6 +46,9 @@ class ServerSettings:
     hostname: str = "0.0.0.0"
     keep_alive_s: float = 15.0
     health_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 30.0  # --shutdown-timeout: how long a drain waits for requests in flight
+    watchdog_timeout_s: float = 60.0  # --watchdog-timeout: /health fails when no step completes for this long
+    tracing: bool = False  # spans are exported (configure_tracing installed a tracer provider)
 
     @property
     def compat_return_full_text(self) -> bool:
@@ -59,6 +64,7 @@ class AppState:
     validator: Validator
     service: GenerationService
     metrics: Metrics
+    drain: Drain = field(default_factory=Drain)
     version: str = field(default_factory=textgen_version)
 
     @classmethod
@@ -70,8 +76,9 @@ class AppState:
                           model_name=engine.model_id)
         engine.add_step_observer(metrics.step)
         grammar = engine_grammar(engine) if limits.grammar_enabled else None
+        service = GenerationService(engine, config.max_concurrent_requests, LatencyMetrics(metrics))
         return cls(engine, settings, limits, Validator(engine.tokenizer, limits, settings.validation_workers, grammar),
-                   GenerationService(engine, config.max_concurrent_requests), metrics)
+                   service, metrics)
 
     @property
     def model_id(self) -> str:

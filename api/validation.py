@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 
+from textgen.api import tracing
 from textgen.api.errors import ApiError, deserialize_error, validation_error
 from textgen.api.schemas_tgi import GenerateParameters, GrammarType
 from textgen.core.sampling_params import GrammarSpec, SamplingParams
@@ -103,8 +104,9 @@ def token_budget(input_length: int, max_new_tokens: int | None, limits: Limits) 
     budget = max_new_tokens if max_new_tokens is not None else max(0, limits.max_total_tokens - input_length)
     chunk = min(budget, DEFAULT_GENERATION_LENGTH)
     if input_length + chunk > limits.max_total_tokens:
+        given = max_new_tokens if max_new_tokens is not None else chunk  # the client's value, not the chunk
         raise validation_error(f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
-                               f"Given: {input_length} `inputs` tokens and {chunk} `max_new_tokens`")
+                               f"Given: {input_length} `inputs` tokens and {given} `max_new_tokens`")
     if input_length > limits.max_input_tokens:
         raise validation_error(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}")
     return min(budget, limits.max_total_tokens - input_length)
@@ -198,6 +200,12 @@ class Validator:
 
     async def validate(self, inputs: str, p: GenerateParameters, add_special_tokens: bool = True) -> ValidRequest:
         """Raises ApiError (422 validation) with TGI's first failing message."""
+        with tracing.span("validate"):
+            valid = await self._validate(inputs, p, add_special_tokens)
+        tracing.request_params(valid.params)
+        return valid
+
+    async def _validate(self, inputs: str, p: GenerateParameters, add_special_tokens: bool) -> ValidRequest:
         check_parameters(p, self.limits)
         if p.adapter_id is not None:
             raise validation_error(f"LoRA adapters are not enabled: `adapter_id` {p.adapter_id!r} cannot be served")

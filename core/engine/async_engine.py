@@ -11,6 +11,11 @@ thread that starts parallel regions keeps a team of its own; a second team (the 
 from loading the model there) makes libgomp throttle its spin-waits to 1,000 rounds, so the
 workers sleep and are woken by futex on every op: decode steps ran 2-2.5x slower on a 2-core
 machine. The HTTP side must therefore never run large torch ops on the event loop thread.
+
+Liveness: the engine thread stamps `_progress_at` after every loop iteration (a step, or an idle
+wait of at most 0.5 s), so `health_problem` can tell a stuck step (no stamp for longer than the
+watchdog while requests are open) from an idle engine. If the thread dies, every open and every
+later request gets an error event at once instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -35,6 +41,10 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._healthy = True
+        self._step_error: str | None = None
+        self._death: str | None = None  # why the engine thread stopped, once it has
+        self._progress_at = time.monotonic()  # written by the engine thread only
+        self._open_requests = 0  # generate() iterators not finished yet (event loop side)
         ready = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, args=(config, ready, failure), name="textgen-engine",
@@ -63,6 +73,9 @@ class AsyncEngine:
     # -- API used by the HTTP layer -----------------------------------------------------------
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        if self._death is not None:
+            yield _error_event(request.request_id, f"the engine thread is not running ({self._death})")
+            return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -74,12 +87,14 @@ class AsyncEngine:
 
         self._commands.put(("add", request, sink))
         finished = False
+        self._open_requests += 1
         try:
             while not finished:
                 event = await events.get()
                 finished = event.finished
                 yield event
         finally:
+            self._open_requests -= 1
             if not finished:
                 self.abort(request.request_id)
 
@@ -96,6 +111,19 @@ class AsyncEngine:
 
     def is_healthy(self) -> bool:
         return self._healthy and self._thread.is_alive()
+
+    def health_problem(self, watchdog_s: float) -> str | None:
+        """Why the engine cannot serve, or None: a dead thread, a failed last step, or no step
+        completed within `watchdog_s` seconds while requests are open."""
+        if self._death is not None or not self._thread.is_alive():
+            return f"the engine thread is not running ({self._death or 'stopped'})"
+        if not self._healthy:
+            return f"the last engine step failed: {self._step_error}"
+        stalled = time.monotonic() - self._progress_at
+        if self._open_requests and stalled > watchdog_s:
+            return (f"no engine step completed in the last {stalled:.1f} s (watchdog {watchdog_s:g} s) "
+                    f"while {self._open_requests} requests are open")
+        return None
 
     async def health_check(self) -> None:
         """A real one-token generation through the whole engine (TGI's /health does the same)."""
@@ -122,7 +150,25 @@ class AsyncEngine:
             return
         finally:
             ready.set()
-        self._loop()
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the thread ends here: say why, fail the waiters
+            self._die(f"{type(exc).__name__}: {exc}")
+
+    def _die(self, reason: str) -> None:
+        self._death = reason or "stopped"
+        log.critical("the engine thread stopped: %s; open requests fail and /health answers 503", self._death)
+        message = f"the engine thread is not running ({self._death})"
+        for rid, st in list(self.core.states.items()):
+            st.emit(_error_event(rid, message))
+        self.core.states.clear()
+        while True:  # requests queued before the flag was seen
+            try:
+                kind, arg, sink = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                sink(_error_event(arg.request_id, message))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -130,11 +176,12 @@ class AsyncEngine:
             try:
                 self.core.step()
                 self._healthy = True
-            except Exception:  # a bug outside per-request isolation: fail what is running, go on
+            except Exception as exc:  # a bug outside per-request isolation: fail what is running, go on
                 log.exception("engine step failed; aborting the running requests")
-                self._healthy = False
+                self._healthy, self._step_error = False, f"{type(exc).__name__}: {exc}"
                 self.core.abort(list(self.core.states), reason="error")
             self._stats = self.core.stats()
+            self._progress_at = time.monotonic()
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -154,3 +201,8 @@ class AsyncEngine:
             self.core.add_request(arg, sink)
         elif kind == "abort":
             self.core.abort([arg])
+
+
+def _error_event(request_id: str, message: str) -> RequestOutput:
+    return RequestOutput(request_id=request_id, token=None, text="", finished=True, finish_reason="error",
+                         error=message)

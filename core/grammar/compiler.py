@@ -104,13 +104,45 @@ def compile_grammar(tokenizer: llguidance.LLTokenizer, spec: NormalizedSpec) -> 
     _raise_if_error(template)
     template.compute_bitmask()  # warm the shared lexer; the template stays at its start state
     _raise_if_error(template)
+    _probe(template)
     return CompiledGrammar(spec.key, spec.kind, grammar, template, time.perf_counter() - start,
                            tuple(template.get_grammar_warnings()))
 
 
-def _raise_if_error(matcher: llguidance.LLMatcher) -> None:
+def _raise_if_error(matcher: llguidance.LLMatcher, first_line: bool = False) -> None:
+    """`first_line`: errors while consuming tokens append the parser's state dump; keep the reason."""
     if matcher.is_error():
-        raise GrammarError(matcher.get_error().strip())
+        message = matcher.get_error().strip()
+        raise GrammarError(message.splitlines()[0] if first_line else message)
+
+
+PROBE_STEPS = 4
+
+
+def _probe(template: llguidance.LLMatcher, steps: int = PROBE_STEPS) -> None:
+    """Walks a copy of the template a few tokens down its first allowed path.
+
+    llguidance builds the lexer's regex derivatives lazily, so a grammar whose expansion is too
+    large (`(a{1000}){1000}`: "lexer error: too many expressions constructed") compiles and gives
+    a first mask, then fails on the first token the model samples. Consuming a few allowed tokens
+    here turns that into a compile error the API reports before generation (422).
+    """
+    matcher = template.deep_copy()
+    for _ in range(steps):
+        token = _first_allowed(matcher.compute_bitmask())
+        _raise_if_error(matcher)
+        if token is None or matcher.is_stopped():
+            return
+        matcher.consume_token(token)
+        _raise_if_error(matcher, first_line=True)
+
+
+def _first_allowed(mask: bytes) -> int | None:
+    """The lowest token id set in llguidance's packed bitmask (little-endian 32-bit words)."""
+    for i, byte in enumerate(mask):
+        if byte:
+            return i * 8 + (byte & -byte).bit_length() - 1
+    return None
 
 
 def build_tokenizer(hf_tokenizer: Any, n_vocab: int, eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:

@@ -68,11 +68,18 @@ def safetensors_files(path: Path) -> list[Path]:
     raise ModelFilesError(f"no model weights (*.safetensors) found in {path}")
 
 
-def iterate_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, memory-mapped shard by shard."""
+def iterate_safetensors(path: str | Path, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint, memory-mapped shard by shard; with
+    `progress`, a tqdm bar on stderr counts the bytes loaded (a start-up log for large models)."""
     from safetensors import safe_open
+    from tqdm import tqdm
 
-    for file in safetensors_files(Path(path)):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    files = safetensors_files(Path(path))
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    bar.update(tensor.numel() * tensor.element_size())
+                    yield name, tensor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +123,9 @@ def test_serve_prints_budgets_and_serves(tiny_llama):
             assert line, "".join(lines)
             lines.append(line)
         assert any("max_input_tokens=511 max_total_tokens=512" in line for line in lines), lines
+        text = "".join(lines)  # start-up logs name the model and show the weight loading
+        assert f"model {tiny_llama} revision default backend cpu device cpu dtype torch.float32 quantize none" in text
+        assert re.search(r"loading weights: 100%\|", text), text
         deadline = time.monotonic() + 60
         while True:
             try:
