@@ -1,7 +1,9 @@
 """textgen.core: the device-agnostic heart of textgen.
 
-Interfaces (Backend, AttentionBackend, KVCache, Quantizer, Model), the pluggy hook specs,
-model implementations, weight loading, the scheduler, sampling and grammar.
+Interfaces a backend implements (Backend, AttentionBackend with its metadata builder, quantization
+methods, GraphRunner, Communicator) and the Model interface; the pluggy hook specs; model
+implementations, weight loading, the KV block manager (core/kv_cache: block ids only, the tensor
+layout belongs to the kernel), the scheduler, sampling and grammar.
 
 Importing this package stays light (no torch import) so `textgen backends` and plugin discovery
 are fast; heavy objects are imported lazily through `__getattr__`.
@@ -11,6 +13,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# The backend contract's version (hook specs and the interfaces above). MAJOR changes when a call
+# a plugin relies on changes or disappears; MINOR when core calls something new that has a
+# default. A plugin may check it at import: `textgen.core.CONTRACT_VERSION[0] == 2`.
+CONTRACT_VERSION = (2, 0)
 
 _LAZY = {
     "LLM": "textgen.core.llm",
@@ -32,4 +39,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'textgen.core' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "AsyncEngine", "SamplingParams", "__version__"]
+__all__ = ["CONTRACT_VERSION", "LLM", "AsyncEngine", "SamplingParams", "__version__"]

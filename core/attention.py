@@ -92,6 +92,9 @@ class AttentionBackend(ABC):
     - `block_size_multiple`: when set, any multiple of it is accepted (flash-attn: 256).
     - `kv_cache_dtypes`: storage dtypes besides the compute dtype (e.g. torch.float8_e4m3fn).
     - `supports_sliding_window`, `supports_soft_cap`, `supports_alibi`.
+    - `supports_graph_capture`: `forward` may be captured in a device graph (CUDA/HIP graphs): on
+      a padded step (`StepTensors.padded`) its metadata reads only the step buffers and its own
+      persistent buffers, and it makes no host decision from per-step values.
     Contract of `forward(q, k, v, kv_cache, meta)`: first write the new k/v at `meta.slot_mapping`,
     then return the attention output [T, num_heads * head_size] for every query token, causal
     within each request's context (query token j of request i sees context positions
@@ -107,6 +110,7 @@ class AttentionBackend(ABC):
     supports_sliding_window: ClassVar[bool] = True
     supports_soft_cap: ClassVar[bool] = False
     supports_alibi: ClassVar[bool] = False
+    supports_graph_capture: ClassVar[bool] = False
     metadata_builder_cls: ClassVar[type[AttentionMetadataBuilder]] = AttentionMetadataBuilder
 
     def __init__(self, spec: AttentionSpec) -> None:

@@ -68,6 +68,7 @@ class StepTensors:
     query_lens: list[int]
     context_lens: list[int]
     block_size: int
+    padded: bool = False  # a graph step: padded rows, full-width block tables, shapes fixed per bucket
 
     def attention_metadata(self) -> AttentionMetadata:
         return AttentionMetadata(self.slot_mapping, self.query_start_loc, self.seq_lens, self.block_tables,

@@ -16,12 +16,13 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     import torch
 
+    from textgen.core.attention import AttentionBackend
     from textgen.core.backend import Backend
     from textgen.core.config import EngineConfig
     from textgen.core.engine.model_runner import ModelRunner
@@ -46,6 +47,7 @@ class GraphRunner(ABC):
 
     name: ClassVar[str]
     default_batch_sizes: ClassVar[tuple[int, ...]] = ()  # when --cuda-graphs is not given; () = off
+    requires_capture_safe_kernel: ClassVar[bool] = False  # device graphs: the kernel must declare it
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Adjust the model for capture (default: nothing)."""
@@ -67,6 +69,7 @@ class DecodeGraphs:
     batch_sizes: tuple[int, ...]
     graphs: dict[int, StepForward]
     warmup_seconds: float = 0.0
+    replays: dict[int, int] = field(default_factory=dict)  # steps run per bucket since startup
 
     def bucket_for(self, scheduled: Sequence[ScheduledRequest]) -> int | None:
         """The smallest bucket holding a decode-only step; None runs the step eagerly."""
@@ -76,6 +79,7 @@ class DecodeGraphs:
         return next(b for b in self.batch_sizes if b >= n)
 
     def run(self, batch_size: int, step: StepTensors, ctx: ForwardContext) -> torch.Tensor:
+        self.replays[batch_size] = self.replays.get(batch_size, 0) + 1
         return self.graphs[batch_size](step.input_ids, step.positions, ctx)
 
     def warm_up(self, model_runner: ModelRunner) -> None:
@@ -100,15 +104,19 @@ class DecodeGraphs:
                 f"(warm-up {self.warmup_seconds:.1f} s)")
 
 
-def decode_graphs(config: EngineConfig, backend: Backend) -> DecodeGraphs | None:
+def decode_graphs(config: EngineConfig, backend: Backend, kernel_cls: type[AttentionBackend]
+                  ) -> tuple[DecodeGraphs | None, str]:
     """The buckets `config.graph_batch_sizes` asks for (None: the backend's default), capped at
-    the largest batch the scheduler can form; None when graph mode is off or unsupported."""
+    the largest batch the scheduler can form; None (and why) when graph mode is off."""
     runner = backend.graph_runner(config)
     if runner is None:
-        return None
+        return None, f"graph mode: off (backend '{backend.name}' has no graph rule; every step eager)"
     sizes = config.graph_batch_sizes if config.graph_batch_sizes is not None else runner.default_batch_sizes
     limit = min(config.max_batch_size, config.max_batch_prefill_tokens)
     kept = tuple(sorted({s for s in sizes if 0 < s <= limit}))
     if not kept:
-        return None
-    return DecodeGraphs(runner, kept, {})
+        return None, "graph mode: off (no --cuda-graphs batch sizes; every step eager)"
+    if runner.requires_capture_safe_kernel and not kernel_cls.supports_graph_capture:
+        return None, (f"graph mode: off ({runner.name} need a capture-safe attention kernel; "
+                      f"{kernel_cls.name} is not; every step eager)")
+    return DecodeGraphs(runner, kept, {}), ""

@@ -77,10 +77,14 @@ def _device_reasons() -> list[str]:
 @dataclass(slots=True)
 class FlashAttentionMetadata(AttentionMetadata):
     cu_seqlens_k: torch.Tensor | None = None  # [B+1] int32: prefix sums of seq_lens
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
 
 
 class FlashAttentionMetadataBuilder(AttentionMetadataBuilder):
-    """cu_seqlens_k once per step (not per layer), into a buffer allocated at startup."""
+    """cu_seqlens_k once per step (not per layer), into a buffer allocated at startup. A padded
+    (graph) step passes the largest lengths the limits allow, so a captured graph stays valid for
+    every later step of its bucket (flash-attn sizes its grid from them)."""
 
     def __init__(self, kernel_cls: type[AttentionBackend], specs: list[AttentionSpec], limits: StepLimits,
                  device: torch.device) -> None:
@@ -92,8 +96,12 @@ class FlashAttentionMetadataBuilder(AttentionMetadataBuilder):
         cu = self._cu_seqlens_k[: num + 1]
         torch.cumsum(step.seq_lens, 0, dtype=torch.int32, out=cu[1:])
         base = step.attention_metadata()
+        if step.padded:
+            max_q, max_k = 1, self.limits.max_blocks_per_request * self.limits.block_size
+        else:
+            max_q, max_k = base.max_query_len, base.max_seq_len
         return FlashAttentionMetadata(base.slot_mapping, base.query_start_loc, base.seq_lens, base.block_tables,
-                                      base.query_lens, base.context_lens, base.block_size, cu)
+                                      base.query_lens, base.context_lens, base.block_size, cu, max_q, max_k)
 
 
 class FlashAttentionPaged(AttentionBackend):
@@ -104,6 +112,7 @@ class FlashAttentionPaged(AttentionBackend):
     name = "flash_attn"
     block_size_multiple = PAGE_MULTIPLE  # "Paged KV cache block size must be divisible by 256"
     supports_soft_cap = True  # from flash-attn 2.6.0 (checked in _install_reasons)
+    supports_graph_capture = True
     metadata_builder_cls = FlashAttentionMetadataBuilder
 
     def __init__(self, spec: AttentionSpec) -> None:
@@ -141,8 +150,8 @@ class FlashAttentionPaged(AttentionBackend):
             value_cache,
             cu_seqlens_q=meta.query_start_loc,
             cu_seqlens_k=meta.cu_seqlens_k,
-            max_seqlen_q=meta.max_query_len,
-            max_seqlen_k=meta.max_seq_len,
+            max_seqlen_q=meta.max_seqlen_q,
+            max_seqlen_k=meta.max_seqlen_k,
             softmax_scale=self.spec.scale,
             causal=True,
             window_size=self._window,

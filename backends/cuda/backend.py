@@ -14,6 +14,7 @@ from textgen.core.backend import Backend, BackendCandidate, MemoryInfo
 
 if TYPE_CHECKING:
     from textgen.core.config import EngineConfig
+    from textgen.core.graphs import GraphRunner
 
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs with bf16 tensor cores
 
@@ -44,8 +45,22 @@ class CUDABackend(Backend):
         free, total = torch.cuda.mem_get_info(self._device)
         return MemoryInfo(total_bytes=total, available_bytes=free)
 
+    pin_memory = True  # host staging buffers: asynchronous copies to the GPU
+
     def distributed_backend(self) -> str:
         return "nccl"
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self._device)
+        self._allocated_at_reset = torch.cuda.memory_allocated(self._device)
+
+    def peak_memory_bytes(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self._device) - getattr(self, "_allocated_at_reset", 0)
+
+    def graph_runner(self, config: EngineConfig) -> GraphRunner | None:
+        from textgen.backends.cuda.graphs import CUDAGraphDecode
+
+        return CUDAGraphDecode(self._device)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self._device)

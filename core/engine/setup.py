@@ -54,11 +54,11 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile)
     runner.allocate_kv_cache(plan.num_blocks)
     lines += derive_budgets(config, plan, max_length)
-    graphs = decode_graphs(config, backend)
+    graphs, graph_line = decode_graphs(config, backend, runner.attention_cls)
     runner.prepare(step_limits(config, graphs))
     if graphs is not None:
         runner.capture_graphs(graphs)
-    lines.append(graphs.describe() if graphs is not None else "graph mode: off (every step eager)")
+    lines.append(graphs.describe() if graphs is not None else graph_line)
     scheduler = _build_scheduler(config, plan.num_blocks)
     return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(runner.hf_config, tokenizer, runner.model_path), lines)
 

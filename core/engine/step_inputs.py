@@ -71,7 +71,7 @@ class StepBuffers:
         h["seq_lens"][:num_reqs] = context_lens
         h["query_start_loc"][0] = 0
         np.cumsum(query_lens, out=h["query_start_loc"][1: num_reqs + 1])
-        return self._views(num_tokens, num_reqs, max_blocks, query_lens, context_lens)
+        return self._views(num_tokens, num_reqs, max_blocks, query_lens, context_lens, pad_to is not None)
 
     def _pad(self, num_tokens: int, num_reqs: int, extra: int, pad_slot: int) -> None:
         h, bs = self._np, self.limits.block_size
@@ -82,7 +82,7 @@ class StepBuffers:
         h["block_tables"][num_reqs: num_reqs + extra, :] = pad_slot // bs
 
     def _views(self, num_tokens: int, num_reqs: int, max_blocks: int, query_lens: list[int],
-               context_lens: list[int]) -> StepTensors:
+               context_lens: list[int], padded: bool) -> StepTensors:
         sizes = {"input_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
                  "query_start_loc": num_reqs + 1, "seq_lens": num_reqs}
         views = {}
@@ -90,7 +90,7 @@ class StepBuffers:
             views[name] = self._copied(name, (slice(0, n),))
         views["block_tables"] = self._copied("block_tables", (slice(0, num_reqs), slice(0, max_blocks)))
         return StepTensors(**views, query_lens=query_lens, context_lens=context_lens,
-                           block_size=self.limits.block_size)
+                           block_size=self.limits.block_size, padded=padded)
 
     def _copied(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
         dst = self._device[name][index]
