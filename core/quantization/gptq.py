@@ -88,6 +88,7 @@ class GPTQ(Quantizer):
                input_dim=0, output_dim=1, packed_dim=1, packed_factor=factor)
         _param(layer, "scales", (groups, out_features), dtype, input_dim=0, output_dim=1)
         _param(layer, "g_idx", (in_features,), torch.int32, input_dim=0)
+        layer.g_idx.weight_loader = _g_idx_loader(layer)
 
     def unpacked(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes [N, K], zeros [G, N], scales [G, N], g_idx [K]) in natural order."""
@@ -114,6 +115,21 @@ class GPTQ(Quantizer):
         return (f"{self.name} {c.get('bits', 4)}-bit group {c.get('group_size')}"
                 f"{' desc_act' if c.get('desc_act') else ''}{'' if c.get('sym', True) else ' asym'} "
                 f"(kernels: {self.kernels.describe()})")
+
+
+def _g_idx_loader(layer: nn.Module):  # noqa: ANN202 - a weight_loader closure
+    """Fused parts (q/k/v, gate/up) share their input, hence their act-order g_idx; a part that
+    disagrees cannot be served by one fused layer."""
+    seen: list[torch.Tensor] = []
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if seen and not torch.equal(seen[0], loaded):
+            raise ValueError(f"the fused parts of a {tuple(param.shape)}-input layer have different g_idx "
+                             f"(part {shard_id!r} differs): GPTQ act order must be shared by projections of one input")
+        seen.append(loaded.clone())
+        layer.weight_loader(param, loaded, shard_id)
+
+    return load
 
 
 class AWQ(GPTQ):
