@@ -3,11 +3,14 @@ dequantize + GEMM for large M.
 
 `aten._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu` stream 1 or 0.5 byte per weight
 and win while a step is bandwidth-bound (decode: M = a few rows); their inner loops are not
-blocked for many rows, so from `MAX_PACKED_ROWS` rows on the weight is dequantized to the
-activation dtype and a regular GEMM runs. The crossover was measured on this project's CPU
-(AMD EPYC, AVX-512 + AVX512-BF16, 2 threads, torch 2.13.0, bf16 activations, 2048x2048 and
-768x2048 layers) with `python benchmarks/quantization_crossover.py`: the packed kernels led
-below M = 8 and lost from M = 16 on (figures in benchmarks/RESULTS.md).
+blocked for many rows, so above `MAX_PACKED_ROWS` rows the weight is dequantized to the
+activation dtype and a regular GEMM runs. Measured with `python benchmarks/quantization_crossover.py
+--rows 1 2 4 8 16 32 64 128 256 512` (2026-12-02, AMD EPYC 2 threads, torch 2.13.0, bf16, shared
+and loaded machine): the packed kernels beat bf16 `F.linear` at every M up to 512 (2048x768:
+M=1 115/147 us int8/int4 vs 209 us; M=512 68/93 ms vs 192 ms) and dequantize + GEMM never won
+(its int4 unpack alone costs more than the packed GEMM), so the packed path runs up to 512 rows.
+An earlier session on another VM saw the packed kernels lose 3x at M=64 (ENVIRONMENT.md 5b):
+rerun the script on the serving machine and set the constant from its first losing M.
 
 int4 packing (`_convert_weight_to_int4pack_for_cpu`, uint8 [N, K/2]) stores blocks of 32 output
 rows as [K, 16] bytes, rows r < 16 in the low nibbles and r + 16 in the high ones; `_unpack_int4`
@@ -23,7 +26,7 @@ from torch import nn
 
 from textgen.core.quantization.kernels import PortableKernels, dequantize_int4, replace_weight
 
-MAX_PACKED_ROWS = 8  # rows (tokens) per step up to which the packed kernels run; measured, see above
+MAX_PACKED_ROWS = 512  # rows (tokens) per step up to which the packed kernels run; measured, see above
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes the int4 kernel takes
 INT4_BLOCK_N = 32
 
@@ -57,7 +60,7 @@ def int4_layout_understood() -> bool:
 
 
 class CPUKernels(PortableKernels):
-    name = f"cpu (packed int4/int8 for <= {MAX_PACKED_ROWS} rows, dequantize + GEMM above)"
+    name = f"cpu packed int4/int8 up to {MAX_PACKED_ROWS} rows"
 
     def pack_int4(self, layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int) -> None:

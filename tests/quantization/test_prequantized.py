@@ -1,8 +1,8 @@
 """GPTQ and AWQ checkpoints packed by the test from a tiny Llama: textgen's logits against the
 same model with the dequantized float weights (transformers cannot load GPTQ/AWQ on CPU without
 GPTQModel / AutoAWQ). The quantized model must reproduce the dequantized one up to float32
-rounding: both the large-M path (prefill of 20 tokens: dequantize + GEMM) and the packed kernels
-(4 tokens <= MAX_PACKED_ROWS). Tolerance 2e-3 on logits of magnitude ~1: the int4 kernel keeps
+rounding: prefills of 20 and 4 tokens through the packed kernels
+(4 tokens). Tolerance 2e-3 on logits of magnitude ~1: the int4 kernel keeps
 scales and zeros in the activation dtype and sums in a different order; a wrong nibble order,
 zero offset or group permutation moves logits by > 0.05."""
 from __future__ import annotations
