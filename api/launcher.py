@@ -18,7 +18,6 @@ from textgen.api.kv_events import KVEventsError, attach_kv_events, endpoint_reas
 from textgen.api.launcher_flags import FLAGS, FlagError, add_flags, resolve
 
 log = logging.getLogger("textgen.launcher")
-SUPPORTED_QUANTIZE: tuple[str, ...] = ()  # grows as quantizers land; None (no quantization) always works
 EXIT_USAGE = 2  # a flag or combination to change
 EXIT_FAILURE = 1  # the model or the machine
 
@@ -38,9 +37,8 @@ def check_options(o: Mapping[str, Any]) -> list[str]:
     reasons = []
     if o["model_id"] is None:
         reasons.append("--model-id (or MODEL_ID) is required: no bundled demo model in this build")
-    if o["quantize"] is not None and o["quantize"] not in SUPPORTED_QUANTIZE:
-        supported = ", ".join(SUPPORTED_QUANTIZE) or "none"
-        reasons.append(f"quantize '{o['quantize']}' is not supported yet by textgen (supported: {supported})")
+    if o["quantize"] is not None:
+        reasons += quantize_reasons(o["quantize"], o["backend"])
     num_shard = o["num_shard"]
     if num_shard is not None and num_shard < 1:
         reasons.append("`num_shard` cannot be < 1")
@@ -63,6 +61,24 @@ def check_options(o: Mapping[str, Any]) -> list[str]:
     if o["grpc_port"] is not None and o["grpc_port"] == o["port"]:
         reasons.append(f"`grpc_port` and `port` must differ. Given: {o['port']} for both")
     return reasons
+
+
+def quantize_reasons(flag: str, forced_backend: str | None) -> list[str]:
+    """Why `--quantize flag` cannot run on the backend that would be chosen: the methods come from
+    that backend's `textgen_quantizers` (no model is loaded; a checkpoint's own method is checked
+    when the engine loads it). A backend that cannot be chosen is left to the engine's error."""
+    from textgen.core.plugins import BackendSelectionError, PluginManager
+    from textgen.core.quantization.selection import FLAG_METHODS, QuantizerRegistry, not_offered
+
+    pm = PluginManager()
+    try:
+        backend = pm.create_backend(None, forced=forced_backend)
+    except BackendSelectionError:
+        return []
+    infos = [info for group in pm.hook.textgen_quantizers(backend=backend) if group for info in group]
+    registry = QuantizerRegistry.build(backend.name, infos)
+    method = FLAG_METHODS.get(flag, (flag, {}))[0]
+    return [] if method in registry.infos else [not_offered(method, flag, registry)]
 
 
 def _budget_reasons(o: Mapping[str, Any]) -> list[str]:
@@ -183,10 +199,11 @@ def _start_engine(options: Mapping[str, Any], args: argparse.Namespace) -> Any:
     from textgen.core.engine.async_engine import AsyncEngine
     from textgen.core.engine.sizing import ConfigError
     from textgen.core.plugins import BackendSelectionError
+    from textgen.core.quantization import QuantizationError
 
     try:
         return AsyncEngine.from_config(engine_config(options, args))
-    except (ConfigError, BackendSelectionError) as exc:
+    except (ConfigError, BackendSelectionError, QuantizationError) as exc:
         return _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - a model that cannot load: one line, the traceback at debug level
         log.debug("engine start failed", exc_info=exc)

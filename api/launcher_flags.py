@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 QUANTIZE_METHODS = ("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
-                    "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")
+                    "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "int8", "int4")  # int8/int4: textgen's CPU weight-only
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 KV_CACHE_DTYPES = ("fp8_e4m3fn", "fp8_e5m2")
 

@@ -61,7 +61,15 @@ def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
 
 @hookspec
 def textgen_quantizers(backend: Backend) -> list[QuantizerInfo]:
-    """Quantization methods offered, keyed by Hugging Face `quant_method` name."""
+    """Quantization methods this backend runs, keyed by Hugging Face `quant_method` name (and
+    textgen's own `int8` / `int4`), each with the `WeightKernels` that compute with it.
+
+    Called once at startup after the backend is chosen; the model loader picks the method named
+    by `--quantize` (TGI's names: `bitsandbytes-nf4` -> `bitsandbytes`, ...) or by the
+    checkpoint's `quantization_config.quant_method`; a method missing here is refused at startup
+    with the reason. `textgen.core.quantization.catalog.builtin_quantizers(kernels)` lists the
+    built-in formats for a backend that brings its own kernels. Later plugins override earlier
+    entries of the same name."""
 
 
 @hookspec

@@ -5,6 +5,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+PORTABLE_KERNELS = "textgen.core.quantization.kernels:PortableKernels"
+
 
 @dataclass(frozen=True, slots=True)
 class AttentionBackendInfo:
@@ -17,10 +19,16 @@ class AttentionBackendInfo:
 
 @dataclass(frozen=True, slots=True)
 class QuantizerInfo:
-    """A quantization method, keyed by Hugging Face's `quant_method` name (e.g. "fp8", "awq")."""
+    """A quantization method a backend runs, keyed by Hugging Face's `quant_method` name ("fp8",
+    "gptq", "awq", "compressed-tensors", "bitsandbytes") or textgen's own ("int8", "int4").
+
+    `class_path` names the `Quantizer` (the weight format); `kernels` the `WeightKernels` class
+    that computes with the canonical weights it produces (the backend's own, or the portable
+    dequantize + matmul ones)."""
 
     name: str
     class_path: str
+    kernels: str = PORTABLE_KERNELS
 
 
 def load_class(class_path: str) -> Any:

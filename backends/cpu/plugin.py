@@ -6,7 +6,7 @@ import platform
 
 from textgen.core.backend import BackendCandidate
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import AttentionBackendInfo, QuantizerInfo
 
 PRIORITY = 0  # lowest: any available accelerator wins over the CPU
 
@@ -21,3 +21,13 @@ def textgen_probe_backend(config: object) -> BackendCandidate:
 @hookimpl
 def textgen_attention_backends(backend: object) -> list[AttentionBackendInfo]:
     return [AttentionBackendInfo("cpu_paged", "textgen.backends.cpu.attention:CPUPagedAttention", 0)]
+
+
+CPU_KERNELS = "textgen.backends.cpu.quant_kernels:CPUKernels"
+
+
+@hookimpl
+def textgen_quantizers(backend: object) -> list[QuantizerInfo]:
+    from textgen.core.quantization.catalog import builtin_quantizers
+
+    return builtin_quantizers(CPU_KERNELS)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from textgen.backends.torch_build import torch_build
 from textgen.core.backend import BackendCandidate
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import AttentionBackendInfo, QuantizerInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -102,3 +102,14 @@ def textgen_configure(config: EngineConfig, backend: Backend) -> list[str] | Non
 @hookimpl
 def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
     return [FLASH_ATTN, TORCH_PAGED]
+
+
+@hookimpl
+def textgen_quantizers(backend: Backend) -> list[QuantizerInfo] | None:
+    """The built-in formats on the portable kernels (dequantize + cuBLAS GEMM: the memory saving,
+    not yet the speed of Marlin / exllama / _scaled_mm kernels)."""
+    if getattr(backend, "name", None) != "cuda":
+        return None
+    from textgen.core.quantization.catalog import builtin_quantizers
+
+    return builtin_quantizers()

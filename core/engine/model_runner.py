@@ -52,11 +52,11 @@ class RowSampling:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, backend: Backend, attention_infos: list[AttentionBackendInfo],
-                 extra_architectures: dict[str, str] | None = None) -> None:
+                 extra_architectures: dict[str, str] | None = None, quantizers: list[Any] | None = None) -> None:
         from textgen.core.loader import load_model
 
         self.config, self.backend, self.device = config, backend, backend.device
-        loaded = load_model(config, backend, extra_architectures=extra_architectures or {})
+        loaded = self.loaded = load_model(config, backend, extra_architectures or {}, quantizers)
         self.model, self.hf_config, self.dtype, self.model_path = loaded.model, loaded.hf_config, loaded.dtype, loaded.path
         self.kernel = bind_attention(self.model, attention_infos, config)
         self.attention_cls = self.kernel.kernel_cls

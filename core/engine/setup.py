@@ -45,10 +45,12 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     architectures: dict[str, str] = {}
     for extra in pm.hook.textgen_model_architectures():
         architectures.update(extra or {})
-    runner = ModelRunner(config, backend, attention_infos, architectures)
+    quantizers = _flatten(pm.hook.textgen_quantizers(backend=backend))
+    runner = ModelRunner(config, backend, attention_infos, architectures, quantizers)
     tokenizer = load_tokenizer(config, runner.model_path)
     max_length = model_max_length(runner.hf_config, tokenizer)
-    lines = [f"backend {backend.describe()}; dtype {runner.dtype}", *runner.kernel.describe()]
+    lines = [f"backend {backend.describe()}; dtype {runner.dtype}; {runner.loaded.describe_weights()}",
+             *runner.kernel.describe()]
     profile = profile_memory(config, backend, runner, max_length)
     lines.append(describe_profile(profile))
     plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile)

@@ -4,6 +4,10 @@ Every parameter carries `weight_loader(param, loaded_tensor, shard_id=None)`; th
 `load_weights` only maps checkpoint names to parameters and calls it. Parameters may carry
 `output_dim` / `input_dim` attributes (a quantizer sets them for its own tensors) telling the
 loaders which axis is sharded or fused; scalar parameters (no such axis) are copied as they are.
+A quantizer's packed tensors also carry `packed_dim` / `packed_factor` (several values per stored
+element along that axis): fused offsets along a packed axis are divided by the factor.
+The quantization contract (create_weights, process_after_loading, apply) is in
+`textgen.core.quantization.base`.
 
 Tensor parallelism: column layers split the output axis across ranks, row layers the input axis
 (and sum the partial outputs). Only `tp_size == 1` runs today, but the loaders already narrow by
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from textgen.core.quantizer import Quantizer
+    from textgen.core.quantization import Quantizer
 
 
 class LinearBase(nn.Module):
@@ -29,6 +33,7 @@ class LinearBase(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.compute_dtype = dtype
         self.quantizer = quantizer
         if quantizer is not None:
             quantizer.create_weights(self, in_features, out_features, dtype)
@@ -125,7 +130,7 @@ class MergedColumnLinear(ColumnLinear):
         if shard_id is None or dim is None:
             _copy_checked(param.data, loaded)  # already fused in the checkpoint, or a scalar
             return
-        offset, size = self.shard_range(shard_id)
+        offset, size = _packed(param, dim, *self.shard_range(shard_id))
         target = param.data.narrow(dim, offset, size)
         _copy_checked(target, _rank_slice(loaded, dim, self.tp_rank, size, size * self.tp_size))
 
@@ -152,13 +157,25 @@ class QKVLinear(MergedColumnLinear):
         if shard_id is None or dim is None:
             _copy_checked(param.data, loaded)
             return
-        offset, size = self.shard_range(shard_id)
+        offset, size = _packed(param, dim, *self.shard_range(shard_id))
         if shard_id == "q":
             rank, full = self.tp_rank, self.num_heads * self.head_size
         else:
             rank, full = self.tp_rank // self.kv_replicas, self.num_kv_heads * self.head_size
+        full = _packed(param, dim, 0, full)[1]
         target = param.data.narrow(dim, offset, size)
         _copy_checked(target, _rank_slice(loaded, dim, rank, size, full))
+
+
+def _packed(param: nn.Parameter, dim: int, offset: int, size: int) -> tuple[int, int]:
+    """(offset, size) in stored elements when `dim` is the parameter's packed axis."""
+    if getattr(param, "packed_dim", None) != dim:
+        return offset, size
+    factor = param.packed_factor
+    if offset % factor or size % factor:
+        raise ValueError(f"a fused part at offset {offset} of size {size} does not align with {factor} values "
+                         f"packed per element")
+    return offset // factor, size // factor
 
 
 def _rank_slice(loaded: torch.Tensor, dim: int, rank: int, size: int, full: int) -> torch.Tensor:

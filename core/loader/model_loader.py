@@ -13,12 +13,13 @@ from textgen.core.loader.dummy import fill_dummy_weights
 from textgen.core.loader.files import iterate_safetensors, resolve_model_path
 from textgen.core.models.base import ModelBuildContext
 from textgen.core.models.registry import resolve_model_class
+from textgen.core.quantization import QuantizerRegistry, select_quantizer
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
     from textgen.core.config import EngineConfig
     from textgen.core.model import Model
-    from textgen.core.quantizer import Quantizer
+    from textgen.core.registry import QuantizerInfo
 
 
 @dataclass(slots=True)
@@ -27,20 +28,28 @@ class LoadedModel:
     hf_config: Any
     dtype: torch.dtype
     path: Path
+    quantization: str = "none"  # the method's description, for startup lines and /info
+    weight_bytes: int = 0  # parameters and buffers after process_after_loading
+
+    def describe_weights(self) -> str:
+        return f"weights {self.weight_bytes / 2**20:.1f} MiB, quantization: {self.quantization}"
 
 
 def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict[str, str] | None = None,
-               quantizer: Quantizer | None = None) -> LoadedModel:
+               quantizers: list[QuantizerInfo] | None = None) -> LoadedModel:
     """Resolve the files, read config.json, pick the class (plugin architectures override the
-    built-in ones), build it on `backend.device` in the resolved dtype, then load the
-    safetensors weights (or random ones for `load_format="dummy"`) and check all were filled."""
+    built-in ones), choose the quantization method among `quantizers` (what the backend's
+    `textgen_quantizers` offered), build the model on `backend.device` in the resolved dtype,
+    then load the safetensors weights (or random ones for `load_format="dummy"`), check all were
+    filled, and let each layer repack them (`process_after_loading`)."""
     from transformers import AutoConfig
 
     path = resolve_model_path(config.model_id, config.revision)
     hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
     model_cls = resolve_model_class(hf_config, extra_architectures)
-    _check_quantization(config, hf_config, quantizer)
     dtype = resolve_dtype(config.dtype, hf_config, backend)
+    registry = QuantizerRegistry.build(backend.name, quantizers or [])
+    quantizer = select_quantizer(config.quantize, hf_config, registry, backend, dtype)
     build = ModelBuildContext(dtype, backend.device, quantizer)
     with _building_on(backend.device, dtype):
         model = model_cls(hf_config, build)
@@ -51,7 +60,14 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     else:
         raise ValueError(f"unknown load_format {config.load_format!r}: use auto, safetensors or dummy")
     _process_after_loading(model)
-    return LoadedModel(model.eval(), hf_config, dtype, path)
+    described = quantizer.describe() if quantizer is not None else "none"
+    return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer (tied tensors once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @contextlib.contextmanager
@@ -65,18 +81,6 @@ def _building_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
             yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def _check_quantization(config: EngineConfig, hf_config: Any, quantizer: Quantizer | None) -> None:
-    quant_config = getattr(hf_config, "quantization_config", None)
-    if isinstance(quant_config, dict):
-        method = quant_config.get("quant_method")
-    else:
-        method = getattr(quant_config, "quant_method", None)
-    method = config.quantize or method
-    if method and quantizer is None:
-        raise ValueError(f"quantization method {method!r} has no quantizer on this backend; "
-                         f"use an unquantized checkpoint or a backend that offers {method!r}")
 
 
 def _check_all_loaded(model: torch.nn.Module, loaded: set[str]) -> None:

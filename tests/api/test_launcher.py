@@ -52,13 +52,13 @@ def test_defaults_follow_tgi():
 def test_bad_values_name_their_source():
     with pytest.raises(FlagError, match="invalid value 'x' for MAX_BEST_OF"):
         options([], {"MAX_BEST_OF": "x"})
-    with pytest.raises(FlagError, match=r"invalid value 'int4' for QUANTIZE \(choose from awq, "):
-        options([], {"QUANTIZE": "int4"})
+    with pytest.raises(FlagError, match=r"invalid value 'int2' for QUANTIZE \(choose from awq, "):
+        options([], {"QUANTIZE": "int2"})
 
 
 @pytest.mark.parametrize(("argv", "env", "reason"), [
-    (["--quantize", "awq"], {}, "quantize 'awq' is not supported yet by textgen (supported: none)"),
-    ([], {"QUANTIZE": "gptq"}, "quantize 'gptq' is not supported yet by textgen (supported: none)"),
+    (["--quantize", "eetq", "--backend", "cpu"], {}, "quantization 'eetq' (--quantize eetq) cannot run on backend "
+     "'cpu': eetq needs CUDA (the eetq package's int8 kernels) (methods it runs: awq, fp8, gptq, int4, int8)"),
     (["--num-shard", "2"], {}, "num-shard 2 is not supported yet by textgen (supported: 1)"),
     (["--num-shard", "0"], {}, "`num_shard` cannot be < 1"),
     (["--sharded", "true"], {}, "`sharded` is true but `num_shard` <= 1"),
@@ -97,9 +97,10 @@ def test_refusal_is_one_line_and_exit_status_2():
     done = run_cli("--num-shard", "4")
     assert (done.returncode, done.stderr, done.stdout) == (
         2, "textgen serve: error: num-shard 4 is not supported yet by textgen (supported: 1)\n", "")
-    done = run_cli(env={"QUANTIZE": "awq"})
-    assert (done.returncode, done.stderr) == (2, "textgen serve: error: quantize 'awq' is not supported yet by "
-                                                 "textgen (supported: none)\n")
+    done = run_cli("--backend", "cpu", env={"QUANTIZE": "exl2"})
+    assert (done.returncode, done.stderr) == (2, "textgen serve: error: quantization 'exl2' (--quantize exl2) cannot "
+                                                 "run on backend 'cpu': exl2 needs CUDA (exllamav2 kernels) (methods it "
+                                                 "runs: awq, fp8, gptq, int4, int8)\n")
 
 
 def test_a_model_that_cannot_load_is_one_line_and_exit_status_1(tmp_path):

@@ -1,0 +1,100 @@
+"""Pre-quantized checkpoints written by the tests in the documented on-disk formats (GPTQ v1,
+AWQ GEMM), from a tiny float model, plus the float checkpoint of the same dequantized weights
+(the reference: what an exact kernel must reproduce)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def to_int32(words: torch.Tensor) -> torch.Tensor:
+    """uint32 values held in int64 -> the same bits as int32."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """[R, C] -> int32 [R / f, C]: row r*f + i at bit offset bits * i of word r."""
+    f = 32 // bits
+    v = values.long().reshape(-1, f, values.shape[1])
+    return to_int32(sum(v[:, i] << (bits * i) for i in range(f)))
+
+
+def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
+    f = 32 // bits
+    v = values.long().reshape(values.shape[0], -1, f)
+    return to_int32(sum(v[..., i] << (bits * i) for i in range(f)))
+
+
+def quantize(weight: torch.Tensor, bits: int, g_idx: torch.Tensor, groups: int, sym: bool):
+    """Per-group min/max (asym) or absmax (sym) quantization of W [N, K] with groups g_idx [K].
+    Returns codes [N, K], zeros [G, N] (int), scales [G, N] (float16) and the dequantized W."""
+    n, k = weight.shape
+    top = 2**bits - 1
+    scales, zeros = torch.empty(groups, n), torch.empty(groups, n)
+    for g in range(groups):
+        cols = weight[:, g_idx == g].float()
+        if sym:
+            scales[g] = cols.abs().amax(1).clamp(min=1e-6) / (2 ** (bits - 1) - 1)
+            zeros[g] = 2 ** (bits - 1)
+        else:
+            lo, hi = cols.amin(1), cols.amax(1)
+            scales[g] = ((hi - lo) / top).clamp(min=1e-6)
+            # GPTQ v1 stores zero - 1 in `bits` bits: a zero of 0 cannot be written (real v1
+            # exporters wrap it); keep zeros >= 1 so the file means what the reference computes
+            zeros[g] = (-lo / scales[g]).round().clamp(1, top)
+    scales = scales.half()
+    s, z = scales.float()[g_idx].t(), zeros[g_idx].t()
+    codes = (weight.float() / s + z).round().clamp(0, top)
+    return codes.long(), zeros.long(), scales, (codes - z) * s
+
+
+def write_quantized(src: str | Path, out: Path, method: str, bits: int = 4, group_size: int = 32,
+                    desc_act: bool = False, sym: bool = True, seed: int = 0) -> tuple[Path, Path]:
+    """(quantized checkpoint, float reference checkpoint) of `src`'s projections."""
+    weights = load_file(str(Path(src) / "model.safetensors"))
+    quant, ref = {}, {}
+    for name, tensor in weights.items():
+        if not (name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS):
+            quant[name] = ref[name] = tensor
+            continue
+        n, k = tensor.shape
+        size = k if group_size <= 0 else group_size
+        groups = k // size
+        # act order sorts columns by the Hessian of the layer's input: projections that share an
+        # input (q/k/v, gate/up) share their g_idx
+        shared_input = name.split(".")[:-2] + [str(k)]
+        gen = torch.Generator().manual_seed(seed + hash(tuple(shared_input)) % 2**31)
+        g_idx = (torch.randperm(k, generator=gen) if desc_act else torch.arange(k)) // size
+        codes, zeros, scales, dense = quantize(tensor, bits, g_idx, groups, sym)
+        prefix = name.removesuffix(".weight")
+        ref[name] = dense.float().contiguous()
+        if method == "gptq":
+            quant[f"{prefix}.qweight"] = pack_rows(codes.t(), bits)
+            quant[f"{prefix}.qzeros"] = pack_cols(zeros - 1, bits)  # v1: zero - 1
+            quant[f"{prefix}.scales"] = scales
+            quant[f"{prefix}.g_idx"] = g_idx.to(torch.int32)
+        else:  # awq gemm
+            quant[f"{prefix}.qweight"] = pack_cols(codes.t().reshape(k, -1, 8)[..., list(AWQ_ORDER)].reshape(k, n), 4)
+            quant[f"{prefix}.qzeros"] = pack_cols(zeros.reshape(groups, -1, 8)[..., list(AWQ_ORDER)].reshape(groups, n), 4)
+            quant[f"{prefix}.scales"] = scales
+    config = {"quant_method": method, "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym}
+    if method == "awq":
+        config = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+    return _write(src, out / "quant", quant, config), _write(src, out / "ref", ref, None)
+
+
+def _write(src: str | Path, out: Path, tensors: dict[str, torch.Tensor], quant_config: dict | None) -> Path:
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("model.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    if quant_config is not None:
+        config["quantization_config"] = quant_config
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
