@@ -39,6 +39,19 @@ class BackendCandidate:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendIdentity:
+    """What every probe answer of one plugin shares, so a plugin states it once:
+    `_candidate = BackendIdentity("acme", 80, "textgen_acme.backend:AcmeBackend").candidate`."""
+
+    name: str
+    priority: int
+    backend_class: str
+
+    def candidate(self, available: bool, reason: str) -> BackendCandidate:
+        return BackendCandidate(self.name, available, self.priority, reason, self.backend_class)
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryInfo:
     """Device memory in bytes: the device's total and what is free right now."""
 

@@ -31,6 +31,10 @@ class QuantizerInfo:
     kernels: str = PORTABLE_KERNELS
 
 
+# The portable paged-attention kernel, which any backend whose device runs plain torch can offer.
+TORCH_PAGED = AttentionBackendInfo("torch_paged", "textgen.core.layers.paged_attention:TorchPagedAttention", 0)
+
+
 def load_class(class_path: str) -> Any:
     """Import "package.module:Name" (or "package.module.Name") and return the attribute."""
     module_name, sep, attr = class_path.partition(":")

@@ -11,9 +11,9 @@ from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
 from textgen.backends.torch_build import torch_build
-from textgen.core.backend import BackendCandidate
+from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import AttentionBackendInfo, QuantizerInfo
+from textgen.core.registry import TORCH_PAGED, AttentionBackendInfo, QuantizerInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -23,12 +23,10 @@ PRIORITY = 100
 BACKEND_CLASS = "textgen.backends.cuda.backend:CUDABackend"
 DRIVER_NODE = "/dev/nvidiactl"
 WSL_DRIVER_NODE = "/dev/dxg"  # WSL2 exposes the NVIDIA driver through DirectX instead
-TORCH_PAGED = AttentionBackendInfo("torch_paged", "textgen.core.layers.paged_attention:TorchPagedAttention", 0)
 FLASH_ATTN = AttentionBackendInfo("flash_attn", "textgen.backends.cuda.attention:FlashAttentionPaged", 10)
 
 
-def _candidate(available: bool, reason: str) -> BackendCandidate:
-    return BackendCandidate("cuda", available, PRIORITY, reason, BACKEND_CLASS)
+_candidate = BackendIdentity("cuda", PRIORITY, BACKEND_CLASS).candidate
 
 
 def _visible_devices_hint() -> str:

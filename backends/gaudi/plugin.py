@@ -11,9 +11,9 @@ from glob import glob
 from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
-from textgen.core.backend import BackendCandidate
+from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import TORCH_PAGED, AttentionBackendInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -24,11 +24,9 @@ BACKEND_CLASS = "textgen.backends.gaudi.backend:GaudiBackend"
 LEGACY_NODES = "/dev/hl[0-9]*"
 ACCEL_NODES = "/dev/accel/accel[0-9]*"
 DRIVER = "habanalabs"
-TORCH_PAGED = AttentionBackendInfo("torch_paged", "textgen.core.layers.paged_attention:TorchPagedAttention", 0)
 
 
-def _candidate(available: bool, reason: str) -> BackendCandidate:
-    return BackendCandidate("gaudi", available, PRIORITY, reason, BACKEND_CLASS)
+_candidate = BackendIdentity("gaudi", PRIORITY, BACKEND_CLASS).candidate
 
 
 def _sysfs_dir(node: str) -> str:

@@ -10,9 +10,9 @@ from importlib import metadata
 from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
-from textgen.core.backend import BackendCandidate
+from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import TORCH_PAGED, AttentionBackendInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -21,11 +21,9 @@ if TYPE_CHECKING:
 PRIORITY = 90
 BACKEND_CLASS = "textgen.backends.inferentia.backend:InferentiaBackend"
 DEVICE_NODES = "/dev/neuron[0-9]*"
-TORCH_PAGED = AttentionBackendInfo("torch_paged", "textgen.core.layers.paged_attention:TorchPagedAttention", 0)
 
 
-def _candidate(available: bool, reason: str) -> BackendCandidate:
-    return BackendCandidate("inferentia", available, PRIORITY, reason, BACKEND_CLASS)
+_candidate = BackendIdentity("inferentia", PRIORITY, BACKEND_CLASS).candidate
 
 
 def probe() -> BackendCandidate:

@@ -11,9 +11,9 @@ from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
 from textgen.backends.torch_build import torch_build
-from textgen.core.backend import BackendCandidate
+from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import TORCH_PAGED, AttentionBackendInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -22,11 +22,9 @@ if TYPE_CHECKING:
 PRIORITY = 100
 BACKEND_CLASS = "textgen.backends.rocm.backend:ROCmBackend"
 DRIVER_NODE = "/dev/kfd"
-TORCH_PAGED = AttentionBackendInfo("torch_paged", "textgen.core.layers.paged_attention:TorchPagedAttention", 0)
 
 
-def _candidate(available: bool, reason: str) -> BackendCandidate:
-    return BackendCandidate("rocm", available, PRIORITY, reason, BACKEND_CLASS)
+_candidate = BackendIdentity("rocm", PRIORITY, BACKEND_CLASS).candidate
 
 
 def _visible_devices_hint() -> str:

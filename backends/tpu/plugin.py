@@ -11,9 +11,9 @@ from importlib import metadata
 from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
-from textgen.core.backend import BackendCandidate
+from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import TORCH_PAGED, AttentionBackendInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -22,11 +22,9 @@ if TYPE_CHECKING:
 PRIORITY = 90
 BACKEND_CLASS = "textgen.backends.tpu.backend:TPUBackend"
 DEVICE_NODES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
-TORCH_PAGED = AttentionBackendInfo("torch_paged", "textgen.core.layers.paged_attention:TorchPagedAttention", 0)
 
 
-def _candidate(available: bool, reason: str) -> BackendCandidate:
-    return BackendCandidate("tpu", available, PRIORITY, reason, BACKEND_CLASS)
+_candidate = BackendIdentity("tpu", PRIORITY, BACKEND_CLASS).candidate
 
 
 def tpu_nodes() -> list[str]:

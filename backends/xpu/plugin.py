@@ -15,9 +15,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from textgen.backends.torch_build import torch_build
-from textgen.core.backend import BackendCandidate
+from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import TORCH_PAGED, AttentionBackendInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -28,11 +28,9 @@ BACKEND_CLASS = "textgen.backends.xpu.backend:XPUBackend"
 RENDER_NODES = "/dev/dri/renderD*"
 IPEX = "intel_extension_for_pytorch"
 OTHER_BUILD_LABELS = ("+cpu", "+cu", "+rocm")  # local version labels of torch's other wheels
-TORCH_PAGED = AttentionBackendInfo("torch_paged", "textgen.core.layers.paged_attention:TorchPagedAttention", 0)
 
 
-def _candidate(available: bool, reason: str) -> BackendCandidate:
-    return BackendCandidate("xpu", available, PRIORITY, reason, BACKEND_CLASS)
+_candidate = BackendIdentity("xpu", PRIORITY, BACKEND_CLASS).candidate
 
 
 def _ipex_note() -> str:
