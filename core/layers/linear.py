@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from textgen.core.distributed import Communicator
     from textgen.core.quantization import Quantizer
 
 
@@ -84,7 +85,10 @@ class ColumnLinear(LinearBase):
 
 
 class RowLinear(LinearBase):
-    """Input axis split across ranks; partial outputs are summed over the group."""
+    """Input axis split across ranks; partial outputs are summed over the group by the backend's
+    communicator (`Backend.communicator()`, attached by the loader)."""
+
+    communicator: Communicator | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  quantizer: Quantizer | None = None, tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -102,7 +106,9 @@ class RowLinear(LinearBase):
         if self.tp_size == 1:
             return self._linear(x, self.bias)
         out = self._linear(x, None)  # the bias is added once, after the reduction
-        torch.distributed.all_reduce(out)
+        if self.communicator is None:
+            raise RuntimeError("a row-parallel layer with tp_size > 1 has no communicator (the loader attaches one)")
+        self.communicator.all_reduce(out)
         return out if self.bias is None else out + self.bias
 
 

@@ -60,8 +60,19 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     else:
         raise ValueError(f"unknown load_format {config.load_format!r}: use auto, safetensors or dummy")
     _process_after_loading(model)
+    _attach_communicator(model, backend)
     described = quantizer.describe() if quantizer is not None else "none"
     return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model))
+
+
+def _attach_communicator(model: torch.nn.Module, backend: Backend) -> None:
+    """Row-parallel layers reduce through the backend's collectives (one object for the model)."""
+    from textgen.core.layers.linear import RowLinear
+
+    communicator = backend.communicator()
+    for module in model.modules():
+        if isinstance(module, RowLinear):
+            module.communicator = communicator
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

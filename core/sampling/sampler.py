@@ -43,7 +43,6 @@ class Sampler:
     def __init__(self, watermark: WatermarkConfig | None = None) -> None:
         self.watermark = watermark if watermark is not None else WatermarkConfig.from_env()
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch,
                  allowed_mask: torch.Tensor | None = None) -> SamplerOutput:
         scores = self.process(logits, batch, allowed_mask)
