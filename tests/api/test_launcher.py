@@ -145,3 +145,23 @@ def test_serve_prints_budgets_and_serves(tiny_llama):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         proc.stdout.close()
+
+
+def test_backend_contract_flags_reach_the_engine_config() -> None:
+    import argparse
+
+    from textgen.api.launcher import add_serve_arguments, engine_config
+    from textgen.api.launcher_flags import FlagError, parse_batch_sizes, resolve
+
+    assert parse_batch_sizes("1,2,4,8") == (1, 2, 4, 8) and parse_batch_sizes("0") == ()
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model-id", "m", "--attention-backend", "flash_attn", "--kv-cache-dtype", "fp8_e5m2",
+                              "--cuda-graphs", "4,1,2", "--cuda-memory-fraction", "0.85"])
+    config = engine_config(resolve(args, {}), args)
+    assert (config.attention_backend, config.kv_cache_dtype, config.graph_batch_sizes, config.memory_fraction,
+            config.block_size) == ("flash_attn", "fp8_e5m2", (1, 2, 4), 0.85, None)
+    env = resolve(parser.parse_args([]), {"CUDA_GRAPHS": "0", "KV_CACHE_DTYPE": "fp8_e4m3fn", "MODEL_ID": "m"})
+    assert (env["cuda_graphs"], env["kv_cache_dtype"]) == ((), "fp8_e4m3fn")
+    with pytest.raises(FlagError, match="invalid value 'int8' for KV_CACHE_DTYPE"):
+        resolve(parser.parse_args([]), {"KV_CACHE_DTYPE": "int8"})

@@ -181,3 +181,13 @@ def test_fp8_kv_cache_halves_the_bytes_and_keeps_greedy_output(tiny_model_factor
     a = plain.generate(prompts, max_new_tokens=8, temperature=0.0)
     b = fp8.generate(prompts, max_new_tokens=8, temperature=0.0)
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
+
+
+def test_cpu_profiles_only_when_a_memory_fraction_is_given(tiny_llama) -> None:
+    from textgen.core.llm import LLM
+
+    plain = LLM(tiny_llama, backend="cpu", dtype="float32").engine.startup_lines[2]
+    assert plain.endswith("no profile run (the backend's budget rule needs none)")
+    profiled = LLM(tiny_llama, backend="cpu", dtype="float32", memory_fraction=0.5, max_batch_prefill_tokens=256)
+    line = profiled.engine.startup_lines[2]
+    assert "; profile run peak " in line  # measured from the process's resident-set peak (VmHWM)

@@ -29,6 +29,15 @@ def _run(llm: LLM, prompts: list[list[int]], n: int) -> list[list[tuple[int, flo
             for i in range(len(prompts))]
 
 
+def _assert_same(ours: list[list[tuple[int, float]]], ref: list[list[tuple[int, float]]]) -> None:
+    """Identical tokens, logprobs within float32 tolerance (compiled kernels fuse differently)."""
+    assert len(ours) == len(ref)
+    for got, want in zip(ours, ref):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        torch.testing.assert_close(torch.tensor([lp for _, lp in got]), torch.tensor([lp for _, lp in want]),
+                                   atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_llama):
     common = dict(backend="cpu", dtype="float32", max_batch_size=8, max_total_tokens=128, num_kv_blocks=64)
@@ -48,11 +57,7 @@ def test_startup_compiles_each_bucket(engines) -> None:
 def test_tokens_and_logprobs_equal_eager(engines, batch: int) -> None:
     eager, graph = engines
     before = dict(graph.engine.runner.graphs.replays)
-    ours, ref = _run(graph, PROMPTS[:batch], 10), _run(eager, PROMPTS[:batch], 10)
-    for got, want in zip(ours, ref):
-        assert [t for t, _ in got] == [t for t, _ in want]
-        torch.testing.assert_close(torch.tensor([lp for _, lp in got]), torch.tensor([lp for _, lp in want]),
-                                   atol=1e-5, rtol=0)
+    _assert_same(_run(graph, PROMPTS[:batch], 10), _run(eager, PROMPTS[:batch], 10))
     bucket = 2 if batch == 1 else 4
     assert graph.engine.runner.graphs.replays.get(bucket, 0) - before.get(bucket, 0) >= 9  # every decode step
 
@@ -61,7 +66,7 @@ def test_batches_above_the_largest_bucket_and_mixed_steps_stay_eager(engines) ->
     eager, graph = engines
     prompts = PROMPTS + [[100 + i for i in range(6)]]  # 5 requests > bucket 4
     before = sum(graph.engine.runner.graphs.replays.values())
-    assert _run(graph, prompts, 6) == pytest.approx(_run(eager, prompts, 6))
+    _assert_same(_run(graph, prompts, 6), _run(eager, prompts, 6))
     # the 5-request decode steps ran eagerly; only steps after requests finished could use a bucket
     assert sum(graph.engine.runner.graphs.replays.values()) == before
 
