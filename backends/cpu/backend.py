@@ -14,27 +14,25 @@ if TYPE_CHECKING:
     from textgen.core.graphs import GraphRunner
 
 
-def _meminfo_bytes(key: str) -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:   N kB" field of a /proc file (meminfo, self/status) in bytes."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _meminfo_bytes(key: str) -> int | None:
+    return _proc_bytes("/proc/meminfo", key)
 
 
 def _status_bytes(key: str) -> int | None:
-    """A kB field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """VmRSS, VmHWM of this process."""
+    return _proc_bytes("/proc/self/status", key)
 
 
 def _cgroup_limit_bytes() -> int | None:
