@@ -5,14 +5,19 @@ group. It implements some of the hooks below with `@hookimpl`. Every hook is cal
 arguments. Hooks must stay cheap and must never import a vendor SDK at module import time: class
 paths are strings, resolved only once the backend has been chosen.
 
-Ordering contract:
-1. `textgen_probe_backend` is called on every registered plugin (never initializing a device).
-2. One backend is selected (see `textgen.core.plugins.select_backend`); all other backend plugins
-   are unregistered, so the remaining hooks are answered by the chosen plugin (plus non-backend
-   plugins such as model-architecture providers).
-3. `textgen_configure` may adjust or refuse the engine config.
-4. `textgen_attention_backends` / `textgen_quantizers` / `textgen_model_architectures` feed
-   the registries used when building the model.
+Ordering contract (`textgen.core.engine.setup.build_engine_parts`; version
+`textgen.core.CONTRACT_VERSION`):
+1. `textgen_add_cli_options` when `textgen serve` builds its parser (flags land in config.extra).
+2. `textgen_probe_backend` is called on every registered plugin (never initializing a device).
+3. One backend is selected (`PluginManager.select`); all other backend plugins are unregistered,
+   so the remaining hooks are answered by the chosen plugin (plus non-backend plugins such as
+   model-architecture providers). Its `Backend` class is instantiated once.
+4. `textgen_configure` may adjust or refuse the engine config (reasons: exit 2).
+5. `textgen_attention_backends`, `textgen_model_architectures` and `textgen_quantizers` are
+   called once each; the model is built and loaded (through the chosen quantization method), then
+   the kernel is negotiated over the model's per-layer specs (`textgen.core.attention_selection`).
+6. Then the Backend's own methods, in order: memory profile, KV cache allocation, graph rule
+   (see `textgen.core.backend.Backend`).
 """
 from __future__ import annotations
 
@@ -56,7 +61,9 @@ def textgen_configure(config: EngineConfig, backend: Backend) -> list[str] | Non
 
 @hookspec
 def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
-    """Attention kernels this backend offers, each with a priority and a lazy class path."""
+    """Attention kernels this backend offers, each with a priority and a lazy class path. The
+    highest-priority kernel whose `check` accepts every layer of the model serves it; a kernel's
+    declared block sizes choose the block size when the user gave none."""
 
 
 @hookspec
