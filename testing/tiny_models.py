@@ -44,28 +44,53 @@ def make_tokenizer(out: str | os.PathLike, vocab_size: int = 1000) -> None:
     ).save_pretrained(str(out))
 
 
+# arch -> (transformers config class, its overrides of COMMON). Families past the first three get
+# 1-D parameters (norm weights, biases) drawn at random too (`_randomise_vectors`): transformers
+# initialises them to constants that would hide a missing bias or a wrong norm offset.
+COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+)
+_LAYER_PAIR = ["sliding_attention", "full_attention"]
+_MOE = dict(num_local_experts=4, num_experts_per_tok=2, initializer_range=0.1)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 32}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "use_sliding_window": True, "sliding_window": 8,
+                              "layer_types": _LAYER_PAIR}),
+    "gemma": ("GemmaConfig", {"head_dim": 16, "tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 8,
+                                "query_pre_attn_scalar": 24, "attn_logit_softcapping": 1.0,
+                                "final_logit_softcapping": 2.0, "initializer_range": 0.2}),
+    "phi3": ("Phi3Config", {}),
+    "mixtral": ("MixtralConfig", {**_MOE, "sliding_window": 8}),
+}
+_ORIGINAL = ("llama", "mistral", "qwen2")
+
+
 def _config(arch: str, vocab: int, **overrides: object):
     import transformers
 
-    common = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
-    )
-    if arch == "llama":
-        cls = transformers.LlamaConfig
-    elif arch == "mistral":
-        cls, common = transformers.MistralConfig, {**common, "sliding_window": 32}
-    elif arch == "qwen2":
-        cls, common = transformers.Qwen2Config, {**common, "tie_word_embeddings": True}
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}")
-    common.update(overrides)
-    return cls(**common)
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown tiny architecture {arch!r} (known: {', '.join(FAMILIES)})")
+    cls_name, own = FAMILIES[arch]
+    return getattr(transformers, cls_name)(**{"vocab_size": vocab, **COMMON, **own, **overrides})
+
+
+def _randomise_vectors(model, seed: int) -> None:
+    """Every 1-D parameter (norm weights and biases) += N(0, 0.2^2), seeded."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.2)
 
 
 def make_tiny_model(out: str | os.PathLike, arch: str = "llama", seed: int = 0, **overrides: object) -> Path:
-    """Write a tiny random `arch` model (llama | mistral | qwen2) with its tokenizer to `out`."""
+    """Write a tiny random `arch` model (a key of FAMILIES) with its tokenizer to `out`."""
     import torch
     import transformers
 
@@ -75,5 +100,7 @@ def make_tiny_model(out: str | os.PathLike, arch: str = "llama", seed: int = 0, 
     config = _config(arch, 1000, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch not in _ORIGINAL:
+        _randomise_vectors(model, seed)
     model.save_pretrained(str(out), safe_serialization=True)
     return out

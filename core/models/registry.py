@@ -7,10 +7,19 @@ from textgen.core.registry import load_class
 
 _LLAMA = "textgen.core.models.llama:LlamaForCausalLM"
 
+_M = "textgen.core.models."
+
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
+    "Qwen3ForCausalLM": _M + "qwen3:Qwen3ForCausalLM",
+    "GemmaForCausalLM": _M + "gemma:GemmaForCausalLM",
+    "Gemma2ForCausalLM": _M + "gemma:Gemma2ForCausalLM",
+    "Phi3ForCausalLM": _M + "phi3:Phi3ForCausalLM",
+    "MixtralForCausalLM": _M + "mixtral:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": _M + "mixtral:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": _M + "mixtral:Qwen3MoeForCausalLM",
 }
 
 
