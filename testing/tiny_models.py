@@ -65,6 +65,12 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                 "final_logit_softcapping": 2.0, "initializer_range": 0.2}),
     "phi3": ("Phi3Config", {}),
     "mixtral": ("MixtralConfig", {**_MOE, "sliding_window": 8}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 48, "norm_topk_prob": False,
+                                     "mlp_only_layers": [1], "initializer_range": 0.1}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "norm_topk_prob": True,
+                                     "initializer_range": 0.1}),
 }
 _ORIGINAL = ("llama", "mistral", "qwen2")
 

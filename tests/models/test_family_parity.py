@@ -5,8 +5,9 @@ blocks). Logits within 1e-4 (float32) at every position; greedy tokens = transfo
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.models.parity import check_prefill_and_decode
+from tests.models.parity import check_prefill_and_decode, hf_logits, prompt_of
 
 # case -> (tiny architecture, config overrides, block size, prefill chunks)
 CASES = {
@@ -15,6 +16,8 @@ CASES = {
     "gemma2-softcap-alternating-window": ("gemma2", {}, 4, [13, 9, 11]),
     "phi3-partial-rotary-window": ("phi3", {"partial_rotary_factor": 0.5, "sliding_window": 8}, 4, [13, 9, 11]),
     "mixtral-moe-window": ("mixtral", {}, 4, [13, 9, 11]),
+    "qwen2-moe-shared-expert-dense-layer": ("qwen2_moe", {}, 4, [13, 9, 11]),
+    "qwen3-moe-norm-topk": ("qwen3_moe", {"seed": 1}, 4, [13, 9, 11]),  # seed 0 leaves an expert idle
 }
 
 
@@ -22,3 +25,24 @@ CASES = {
 def test_prefill_and_decode_match_transformers(tiny_model_factory, case: str) -> None:
     arch, overrides, block_size, chunks = CASES[case]
     check_prefill_and_decode(tiny_model_factory(arch, **overrides), block_size, chunks, seed=len(case))
+
+
+# (arch, base overrides, changes each of which must alter transformers' logits)
+GUARDS = [
+    ("gemma2", {}, [{"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
+                    {"sliding_window": 1024}, {"query_pre_attn_scalar": 16}]),
+    ("qwen3", {}, [{"sliding_window": 1024}]),
+    ("phi3", {"partial_rotary_factor": 0.5, "sliding_window": 8}, [{"partial_rotary_factor": 1.0},
+                                                                   {"sliding_window": None}]),
+    ("mixtral", {}, [{"sliding_window": None}]),
+]
+
+
+@pytest.mark.parametrize("arch,base,changes", GUARDS, ids=[g[0] for g in GUARDS])
+def test_each_tested_feature_changes_the_result(tiny_model_factory, arch: str, base: dict, changes: list) -> None:
+    """Guards the cases above against configs that silently did nothing (same seed, same weights)."""
+    prompt = prompt_of(33, 1)
+    reference = hf_logits(tiny_model_factory(arch, **base), prompt)[-1]
+    for change in changes:
+        changed = hf_logits(tiny_model_factory(arch, **{**base, **change}), prompt)[-1]
+        assert not torch.allclose(reference, changed, atol=1e-3), change
