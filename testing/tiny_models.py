@@ -65,6 +65,8 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                 "final_logit_softcapping": 2.0, "initializer_range": 0.2}),
     "phi3": ("Phi3Config", {}),
     "mixtral": ("MixtralConfig", {**_MOE, "sliding_window": 8}),
+    "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None, "rotary_pct": 0.5}),
+    "stablelm": ("StableLmConfig", {"use_qkv_bias": True, "qk_layernorm": True}),
     "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                      "shared_expert_intermediate_size": 48, "norm_topk_prob": False,
                                      "mlp_only_layers": [1], "initializer_range": 0.1}),

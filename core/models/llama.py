@@ -68,10 +68,7 @@ class LlamaAttention(nn.Module):
         head_size, tp = head_size_of(cfg), build.tp_size
         self.head_size = head_size
         num_heads, num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        attention_bias = bool(getattr(cfg, "attention_bias", False))
-        qkv_bias = getattr(cfg, "qkv_bias", None)  # Qwen2-MoE names it; Qwen2 always has one
-        if qkv_bias is None:
-            qkv_bias = attention_bias or getattr(cfg, "model_type", "") == "qwen2"
+        qkv_bias, attention_bias = self.biases(cfg)
         self.qkv_proj = QKVLinear(cfg.hidden_size, head_size, num_heads, num_kv_heads, qkv_bias, build.dtype,
                                   build.quantizer, build.tp_rank, tp)
         self.o_proj = RowLinear(num_heads * head_size, cfg.hidden_size, attention_bias, build.dtype,
@@ -81,6 +78,14 @@ class LlamaAttention(nn.Module):
         spec = AttentionSpec(local_heads, local_kv, head_size, build.dtype, scale=self.spec_scale(cfg, head_size),
                              sliding_window=sliding_window, logits_soft_cap=self.spec_soft_cap(cfg))
         self.attn = Attention(spec, layer_idx)
+
+    def biases(self, cfg: Any) -> tuple[bool, bool]:
+        """(q/k/v projections have a bias, o_proj has one)."""
+        attention_bias = bool(getattr(cfg, "attention_bias", False))
+        qkv_bias = getattr(cfg, "qkv_bias", None)  # Qwen2-MoE names it; Qwen2 always has one
+        if qkv_bias is None:
+            qkv_bias = attention_bias or getattr(cfg, "model_type", "") == "qwen2"
+        return bool(qkv_bias), attention_bias
 
     def spec_scale(self, cfg: Any, head_size: int) -> float:
         return head_size ** -0.5
@@ -158,8 +163,11 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype)
         self.layers = nn.ModuleList(
             self.layer_cls(cfg, i, build, windows[i]) for i in range(cfg.num_hidden_layers))
-        self.norm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+        self.norm = self.make_norm(cfg, build)
         self.rotary_emb = get_rope(cfg, head_size_of(cfg))
+
+    def make_norm(self, cfg: Any, build: ModelBuildContext) -> nn.Module:
+        return self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -170,8 +178,8 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos_sin, self.rotary_emb, ctx)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        # layers that add their residual themselves (StableLM, ...) return residual None
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(Model):

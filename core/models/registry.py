@@ -16,6 +16,8 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": _M + "qwen3:Qwen3ForCausalLM",
     "GemmaForCausalLM": _M + "gemma:GemmaForCausalLM",
     "Gemma2ForCausalLM": _M + "gemma:Gemma2ForCausalLM",
+    "GPTNeoXForCausalLM": _M + "gpt_neox:GPTNeoXForCausalLM",
+    "StableLmForCausalLM": _M + "stablelm:StableLmForCausalLM",
     "Phi3ForCausalLM": _M + "phi3:Phi3ForCausalLM",
     "MixtralForCausalLM": _M + "mixtral:MixtralForCausalLM",
     "Qwen2MoeForCausalLM": _M + "mixtral:Qwen2MoeForCausalLM",

@@ -15,6 +15,10 @@ CASES = {
     "gemma": ("gemma", {}, 4, [13, 9, 11]),
     "gemma2-softcap-alternating-window": ("gemma2", {}, 4, [13, 9, 11]),
     "phi3-partial-rotary-window": ("phi3", {"partial_rotary_factor": 0.5, "sliding_window": 8}, 4, [13, 9, 11]),
+    "gpt-neox-parallel-residual": ("gpt_neox", {}, 4, [13, 9, 11]),
+    "gpt-neox-sequential-residual": ("gpt_neox", {"use_parallel_residual": False}, 4, [13, 9, 11]),
+    "stablelm-qk-layernorm-qkv-bias": ("stablelm", {}, 4, [13, 9, 11]),
+    "stablelm-parallel-residual": ("stablelm", {"use_parallel_residual": True, "qk_layernorm": False}, 4, [13, 9, 11]),
     "mixtral-moe-window": ("mixtral", {}, 4, [13, 9, 11]),
     "qwen2-moe-shared-expert-dense-layer": ("qwen2_moe", {}, 4, [13, 9, 11]),
     "qwen3-moe-norm-topk": ("qwen3_moe", {"seed": 1}, 4, [13, 9, 11]),  # seed 0 leaves an expert idle
@@ -35,6 +39,8 @@ GUARDS = [
     ("phi3", {"partial_rotary_factor": 0.5, "sliding_window": 8}, [{"partial_rotary_factor": 1.0},
                                                                    {"sliding_window": None}]),
     ("mixtral", {}, [{"sliding_window": None}]),
+    ("gpt_neox", {}, [{"rotary_pct": 1.0}, {"use_parallel_residual": False}]),
+    ("stablelm", {}, [{"qk_layernorm": False}, {"use_qkv_bias": False}]),
 ]
 
 

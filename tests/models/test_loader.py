@@ -23,10 +23,11 @@ from textgen.core.models import ARCHITECTURES, resolve_model_class
 from textgen.testing.paged_model import cpu_backend
 
 # every native architecture, as the refusal lists them (sorted); README's table names the same
-NATIVE_ARCHITECTURES = [
-    "Gemma2ForCausalLM", "GemmaForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
-    "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-]
+NATIVE_ARCHITECTURES = sorted([
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+    "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM", "StableLmForCausalLM", "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+])
 
 
 def _load(path: str | Path, **kwargs: object):
