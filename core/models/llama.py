@@ -35,6 +35,14 @@ def head_size_of(cfg: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+_EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "norm_epsilon", "layer_norm_epsilon")
+
+
+def norm_eps(cfg: Any) -> float:
+    """The config's norm epsilon, under whichever name the family gives it."""
+    return next(getattr(cfg, f) for f in _EPS_FIELDS if getattr(cfg, f, None) is not None)
+
+
 def layer_sliding_windows(cfg: Any) -> list[int | None]:
     """Per-layer sliding window, as each HF architecture applies it.
 
@@ -135,8 +143,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = self.attention_cls(cfg, layer_idx, build, sliding_window)
         self.mlp = self.make_mlp(cfg, layer_idx, build)
-        self.input_layernorm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
-        self.post_attention_layernorm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+        self.input_layernorm = self.norm_cls(cfg.hidden_size, norm_eps(cfg), build.dtype)
+        self.post_attention_layernorm = self.norm_cls(cfg.hidden_size, norm_eps(cfg), build.dtype)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 rotary: RotaryEmbedding, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +175,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = get_rope(cfg, head_size_of(cfg))
 
     def make_norm(self, cfg: Any, build: ModelBuildContext) -> nn.Module:
-        return self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+        return self.norm_cls(cfg.hidden_size, norm_eps(cfg), build.dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

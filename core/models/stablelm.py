@@ -80,9 +80,7 @@ class StableLmDecoderLayer(nn.Module):
 
 class StableLmModel(LlamaModel):
     layer_cls = StableLmDecoderLayer
-
-    def make_norm(self, cfg: Any, build: ModelBuildContext) -> nn.Module:
-        return LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, build.dtype)
+    norm_cls = LayerNorm
 
 
 class StableLmForCausalLM(LlamaForCausalLM):

@@ -19,6 +19,9 @@ CASES = {
     "gpt-neox-sequential-residual": ("gpt_neox", {"use_parallel_residual": False}, 4, [13, 9, 11]),
     "stablelm-qk-layernorm-qkv-bias": ("stablelm", {}, 4, [13, 9, 11]),
     "stablelm-parallel-residual": ("stablelm", {"use_parallel_residual": True, "qk_layernorm": False}, 4, [13, 9, 11]),
+    "starcoder2-bias-window": ("starcoder2", {}, 4, [13, 9, 11]),
+    "granite-multipliers": ("granite", {}, 4, [13, 9, 11]),
+    "olmo2-post-norms": ("olmo2", {}, 4, [13, 9, 11]),
     "mixtral-moe-window": ("mixtral", {}, 4, [13, 9, 11]),
     "qwen2-moe-shared-expert-dense-layer": ("qwen2_moe", {}, 4, [13, 9, 11]),
     "qwen3-moe-norm-topk": ("qwen3_moe", {"seed": 1}, 4, [13, 9, 11]),  # seed 0 leaves an expert idle
@@ -41,6 +44,9 @@ GUARDS = [
     ("mixtral", {}, [{"sliding_window": None}]),
     ("gpt_neox", {}, [{"rotary_pct": 1.0}, {"use_parallel_residual": False}]),
     ("stablelm", {}, [{"qk_layernorm": False}, {"use_qkv_bias": False}]),
+    ("starcoder2", {}, [{"sliding_window": None}]),
+    ("granite", {}, [{"embedding_multiplier": 1.0}, {"attention_multiplier": 2.0}, {"residual_multiplier": 1.0},
+                     {"logits_scaling": 1.0}]),
 ]
 
 

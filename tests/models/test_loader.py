@@ -26,7 +26,7 @@ from textgen.testing.paged_model import cpu_backend
 NATIVE_ARCHITECTURES = sorted([
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
     "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM", "StableLmForCausalLM", "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Starcoder2ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM",
 ])
 
 
