@@ -72,6 +72,8 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                   "residual_multiplier": 0.6, "logits_scaling": 0.7, "attention_bias": True,
                                   "initializer_range": 0.1}),
     "olmo2": ("Olmo2Config", {}),
+    "phi": ("PhiConfig", {"qk_layernorm": True}),
+    "cohere": ("CohereConfig", {"use_qk_norm": True, "logit_scale": 0.5, "tie_word_embeddings": True}),
     "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                      "shared_expert_intermediate_size": 48, "norm_topk_prob": False,
                                      "mlp_only_layers": [1], "initializer_range": 0.1}),

@@ -71,3 +71,22 @@ class LayerNorm(nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class PerHeadLayerNorm(nn.Module):
+    """LayerNorm without bias over each head of a flat [T, H*D] tensor, head h scaled by its own
+    weight row `weight[h]` (StableLM's `norms.h.weight` one shard per head; Cohere's [H, D] whole)."""
+
+    def __init__(self, num_heads: int, head_size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head_size, self.eps = head_size, eps
+        self.weight = nn.Parameter(torch.ones(num_heads, head_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self._load
+        self.weight.required_shards = frozenset(range(num_heads))
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        default_weight_loader(param if shard_id is None else param.data[shard_id], loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = x.view(x.shape[0], -1, self.head_size)
+        return (torch.nn.functional.layer_norm(heads, (self.head_size,), eps=self.eps) * self.weight).view(x.shape)

@@ -1,4 +1,5 @@
-"""Rotary position embedding (NeoX / HF-Llama "rotate_half" style) with HF's scaling types.
+"""Rotary position embedding (NeoX / HF-Llama "rotate_half" style, or GPT-J's interleaved pairs)
+with HF's scaling types.
 
 Inverse frequencies follow transformers' `modeling_rope_utils` exactly (float32 throughout):
 default, linear, llama3 and yarn. "dynamic" NTK is refused: its frequencies depend on the
@@ -98,9 +99,10 @@ class RotaryEmbedding(nn.Module):
     Positions must be < max_position (the config's max_position_embeddings).
     """
 
-    def __init__(self, head_size: int, rotary_dim: int, max_position: int, params: dict[str, Any]) -> None:
+    def __init__(self, head_size: int, rotary_dim: int, max_position: int, params: dict[str, Any],
+                 interleaved: bool = False) -> None:
         super().__init__()
-        self.head_size, self.rotary_dim = head_size, rotary_dim
+        self.head_size, self.rotary_dim, self.interleaved = head_size, rotary_dim, interleaved
         inv_freq, scaling = inv_freq_and_scaling(params, rotary_dim, max_position)
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :].float()
         self.register_buffer("cos_cache", freqs.cos() * scaling, persistent=False)
@@ -122,14 +124,18 @@ class RotaryEmbedding(nn.Module):
         shape = x.shape
         x = x.view(shape[0], -1, self.head_size)
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
-        x1, x2 = rot.chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        if self.interleaved:  # GPT-J / Cohere: pairs (x[2i], x[2i+1]) rotate together
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot.chunk(2, dim=-1)
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         if rest.shape[-1]:
             rotated = torch.cat((rotated, rest), dim=-1)
         return rotated.reshape(shape)
 
 
-def get_rope(hf_config: Any, head_size: int) -> RotaryEmbedding:
+def get_rope(hf_config: Any, head_size: int, interleaved: bool = False) -> RotaryEmbedding:
     params = rope_parameters(hf_config)
     rotary_dim = int(head_size * params.get("partial_rotary_factor", 1.0))
-    return RotaryEmbedding(head_size, rotary_dim, int(hf_config.max_position_embeddings), params)
+    return RotaryEmbedding(head_size, rotary_dim, int(hf_config.max_position_embeddings), params, interleaved)

@@ -21,6 +21,8 @@ ARCHITECTURES: dict[str, str] = {
     "Starcoder2ForCausalLM": _M + "starcoder2:Starcoder2ForCausalLM",
     "GraniteForCausalLM": _M + "granite:GraniteForCausalLM",
     "Olmo2ForCausalLM": _M + "olmo2:Olmo2ForCausalLM",
+    "PhiForCausalLM": _M + "phi:PhiForCausalLM",
+    "CohereForCausalLM": _M + "cohere:CohereForCausalLM",
     "Phi3ForCausalLM": _M + "phi3:Phi3ForCausalLM",
     "MixtralForCausalLM": _M + "mixtral:MixtralForCausalLM",
     "Qwen2MoeForCausalLM": _M + "mixtral:Qwen2MoeForCausalLM",

@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from textgen.core.layers.norm import LayerNorm, default_weight_loader
+from textgen.core.layers.norm import LayerNorm, PerHeadLayerNorm
 from textgen.core.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
 from textgen.core.models.weights import LLAMA_STACKED, PatternShard, WeightMap
 
@@ -18,25 +17,6 @@ if TYPE_CHECKING:
     from textgen.core.forward_context import ForwardContext
     from textgen.core.layers.rotary import RotaryEmbedding
     from textgen.core.models.base import ModelBuildContext
-
-
-class PerHeadLayerNorm(nn.Module):
-    """LayerNorm without bias over each head of a flat [T, H*D] tensor, head h scaled by its own
-    weight row `weight[h]` (the checkpoint's `norms.h.weight`)."""
-
-    def __init__(self, num_heads: int, head_size: int, eps: float, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.head_size, self.eps = head_size, eps
-        self.weight = nn.Parameter(torch.ones(num_heads, head_size, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self._load
-        self.weight.required_shards = frozenset(range(num_heads))
-
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        default_weight_loader(param if shard_id is None else param.data[shard_id], loaded)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = x.view(x.shape[0], -1, self.head_size)
-        return (F.layer_norm(heads, (self.head_size,), eps=self.eps) * self.weight).view(x.shape)
 
 
 class StableLmAttention(LlamaAttention):

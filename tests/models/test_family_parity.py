@@ -22,6 +22,9 @@ CASES = {
     "starcoder2-bias-window": ("starcoder2", {}, 4, [13, 9, 11]),
     "granite-multipliers": ("granite", {}, 4, [13, 9, 11]),
     "olmo2-post-norms": ("olmo2", {}, 4, [13, 9, 11]),
+    "phi-qk-layernorm": ("phi", {}, 4, [13, 9, 11]),
+    "phi-plain": ("phi", {"qk_layernorm": False}, 4, [13, 9, 11]),
+    "cohere-qk-norm-interleaved-rotary": ("cohere", {}, 4, [13, 9, 11]),
     "mixtral-moe-window": ("mixtral", {}, 4, [13, 9, 11]),
     "qwen2-moe-shared-expert-dense-layer": ("qwen2_moe", {}, 4, [13, 9, 11]),
     "qwen3-moe-norm-topk": ("qwen3_moe", {"seed": 1}, 4, [13, 9, 11]),  # seed 0 leaves an expert idle
@@ -45,6 +48,8 @@ GUARDS = [
     ("gpt_neox", {}, [{"rotary_pct": 1.0}, {"use_parallel_residual": False}]),
     ("stablelm", {}, [{"qk_layernorm": False}, {"use_qkv_bias": False}]),
     ("starcoder2", {}, [{"sliding_window": None}]),
+    ("phi", {}, [{"qk_layernorm": False}, {"partial_rotary_factor": 1.0}]),
+    ("cohere", {}, [{"use_qk_norm": False}, {"logit_scale": 1.0}]),
     ("granite", {}, [{"embedding_multiplier": 1.0}, {"attention_multiplier": 2.0}, {"residual_multiplier": 1.0},
                      {"logits_scaling": 1.0}]),
 ]
