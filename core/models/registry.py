@@ -23,6 +23,8 @@ ARCHITECTURES: dict[str, str] = {
     "Olmo2ForCausalLM": _M + "olmo2:Olmo2ForCausalLM",
     "PhiForCausalLM": _M + "phi:PhiForCausalLM",
     "CohereForCausalLM": _M + "cohere:CohereForCausalLM",
+    "GPT2LMHeadModel": _M + "gpt2:GPT2LMHeadModel",
+    "GPTBigCodeForCausalLM": _M + "gpt2:GPT2LMHeadModel",
     "Phi3ForCausalLM": _M + "phi3:Phi3ForCausalLM",
     "MixtralForCausalLM": _M + "mixtral:MixtralForCausalLM",
     "Qwen2MoeForCausalLM": _M + "mixtral:Qwen2MoeForCausalLM",

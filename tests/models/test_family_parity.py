@@ -25,6 +25,9 @@ CASES = {
     "phi-qk-layernorm": ("phi", {}, 4, [13, 9, 11]),
     "phi-plain": ("phi", {"qk_layernorm": False}, 4, [13, 9, 11]),
     "cohere-qk-norm-interleaved-rotary": ("cohere", {}, 4, [13, 9, 11]),
+    "gpt2-conv1d-inverse-layer-scale": ("gpt2", {}, 4, [13, 9, 11]),
+    "gpt-bigcode-multi-query": ("gpt_bigcode", {}, 4, [13, 9, 11]),
+    "gpt-bigcode-multi-head": ("gpt_bigcode", {"multi_query": False}, 4, [13, 9, 11]),
     "mixtral-moe-window": ("mixtral", {}, 4, [13, 9, 11]),
     "qwen2-moe-shared-expert-dense-layer": ("qwen2_moe", {}, 4, [13, 9, 11]),
     "qwen3-moe-norm-topk": ("qwen3_moe", {"seed": 1}, 4, [13, 9, 11]),  # seed 0 leaves an expert idle
@@ -50,6 +53,7 @@ GUARDS = [
     ("starcoder2", {}, [{"sliding_window": None}]),
     ("phi", {}, [{"qk_layernorm": False}, {"partial_rotary_factor": 1.0}]),
     ("cohere", {}, [{"use_qk_norm": False}, {"logit_scale": 1.0}]),
+    ("gpt2", {}, [{"scale_attn_by_inverse_layer_idx": False}]),
     ("granite", {}, [{"embedding_multiplier": 1.0}, {"attention_multiplier": 2.0}, {"residual_multiplier": 1.0},
                      {"logits_scaling": 1.0}]),
 ]

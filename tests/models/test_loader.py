@@ -27,7 +27,7 @@ NATIVE_ARCHITECTURES = sorted([
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
     "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM", "StableLmForCausalLM", "MixtralForCausalLM",
     "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Starcoder2ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM",
-    "PhiForCausalLM", "CohereForCausalLM",
+    "PhiForCausalLM", "CohereForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
 ])
 
 
