@@ -28,6 +28,10 @@ CASES = {
     "gpt2-conv1d-inverse-layer-scale": ("gpt2", {}, 4, [13, 9, 11]),
     "gpt-bigcode-multi-query": ("gpt_bigcode", {}, 4, [13, 9, 11]),
     "gpt-bigcode-multi-head": ("gpt_bigcode", {"multi_query": False}, 4, [13, 9, 11]),
+    "bloom-alibi": ("bloom", {}, 4, [13, 9, 11]),
+    "bloom-alibi-6-heads-post-ln-residual": ("bloom", {"hidden_size": 48, "n_head": 6,
+                                              "apply_residual_connection_post_layernorm": True},
+                                             4, [13, 9, 11]),
     "mixtral-moe-window": ("mixtral", {}, 4, [13, 9, 11]),
     "qwen2-moe-shared-expert-dense-layer": ("qwen2_moe", {}, 4, [13, 9, 11]),
     "qwen3-moe-norm-topk": ("qwen3_moe", {"seed": 1}, 4, [13, 9, 11]),  # seed 0 leaves an expert idle
