@@ -80,6 +80,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gpt_bigcode": ("GPTBigCodeConfig", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024,
                                          "multi_query": True, "tie_word_embeddings": True}),
     "bloom": ("BloomConfig", {"n_layer": 2, "n_head": 4, "tie_word_embeddings": True, "initializer_range": 0.2}),
+    "falcon": ("FalconConfig", {"initializer_range": 0.2}),  # Falcon-7B: multi-query, parallel attention
     "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                      "shared_expert_intermediate_size": 48, "norm_topk_prob": False,
                                      "mlp_only_layers": [1], "initializer_range": 0.1}),

@@ -26,6 +26,7 @@ ARCHITECTURES: dict[str, str] = {
     "GPT2LMHeadModel": _M + "gpt2:GPT2LMHeadModel",
     "GPTBigCodeForCausalLM": _M + "gpt2:GPT2LMHeadModel",
     "BloomForCausalLM": _M + "bloom:BloomForCausalLM",
+    "FalconForCausalLM": _M + "falcon:FalconForCausalLM",
     "Phi3ForCausalLM": _M + "phi3:Phi3ForCausalLM",
     "MixtralForCausalLM": _M + "mixtral:MixtralForCausalLM",
     "Qwen2MoeForCausalLM": _M + "mixtral:Qwen2MoeForCausalLM",

@@ -21,15 +21,16 @@ class PagedRunner(PagedModel):
 
 
 @functools.lru_cache(maxsize=4)
-def hf_model(path: str) -> torch.nn.Module:
+def hf_model(path: str, attn_implementation: str = "eager") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                attn_implementation=attn_implementation).eval()
 
 
-def hf_logits(path: str, tokens: list[int]) -> torch.Tensor:
+def hf_logits(path: str, tokens: list[int], attn_implementation: str = "eager") -> torch.Tensor:
     with torch.inference_mode():
-        return hf_model(path)(torch.tensor([tokens])).logits[0].float()
+        return hf_model(path, attn_implementation)(torch.tensor([tokens])).logits[0].float()
 
 
 def prompt_of(length: int, seed: int) -> list[int]:
@@ -37,13 +38,14 @@ def prompt_of(length: int, seed: int) -> list[int]:
     return torch.randint(4, VOCAB, (length,), generator=gen).tolist()
 
 
-def check_prefill_and_decode(path: str, block_size: int, chunks: list[int], steps: int = 3, seed: int = 0) -> None:
+def check_prefill_and_decode(path: str, block_size: int, chunks: list[int], steps: int = 3, seed: int = 0,
+                             attn_implementation: str = "eager") -> None:
     """Prefill in `chunks` (each after the cached prefix of the ones before), decode `steps`
     greedy tokens; every position's logits within ATOL of transformers and the greedy tokens
     the argmax of transformers' logits."""
     prompt = prompt_of(sum(chunks), seed)
     seq, ours = PagedRunner(path, block_size).generate(prompt, chunks, steps=steps)
-    ref = hf_logits(path, seq.tokens)
+    ref = hf_logits(path, seq.tokens, attn_implementation)
     assert ours.shape == (len(prompt) + steps, VOCAB)
     assert len(seq.blocks) > 2, "the prompt should span several blocks"
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)

@@ -9,6 +9,10 @@ import torch
 
 from tests.models.parity import check_prefill_and_decode, hf_logits, prompt_of
 
+# transformers' eager Falcon adds ALiBi twice (once in the scores, once folded into the causal
+# mask, transformers 5.24); its SDPA path adds it once, as the model was trained: the reference.
+SDPA_REFERENCE = {"falcon-rw-alibi-sequential-bias"}
+
 # case -> (tiny architecture, config overrides, block size, prefill chunks)
 CASES = {
     "qwen3-window-per-layer": ("qwen3", {}, 4, [13, 9, 11]),
@@ -32,6 +36,13 @@ CASES = {
     "bloom-alibi-6-heads-post-ln-residual": ("bloom", {"hidden_size": 48, "n_head": 6,
                                               "apply_residual_connection_post_layernorm": True},
                                              4, [13, 9, 11]),
+    "falcon-7b-multi-query-parallel": ("falcon", {}, 4, [13, 9, 11]),
+    "falcon-40b-new-architecture-gqa": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2,
+                                                   "tie_word_embeddings": True}, 4, [13, 9, 11]),
+    "falcon-new-architecture-one-norm": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2,
+                                                    "num_ln_in_parallel_attn": 1}, 4, [13, 9, 11]),
+    "falcon-rw-alibi-sequential-bias": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False,
+                                                   "bias": True}, 4, [13, 9, 11]),
     "mixtral-moe-window": ("mixtral", {}, 4, [13, 9, 11]),
     "qwen2-moe-shared-expert-dense-layer": ("qwen2_moe", {}, 4, [13, 9, 11]),
     "qwen3-moe-norm-topk": ("qwen3_moe", {"seed": 1}, 4, [13, 9, 11]),  # seed 0 leaves an expert idle
@@ -41,7 +52,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_prefill_and_decode_match_transformers(tiny_model_factory, case: str) -> None:
     arch, overrides, block_size, chunks = CASES[case]
-    check_prefill_and_decode(tiny_model_factory(arch, **overrides), block_size, chunks, seed=len(case))
+    check_prefill_and_decode(tiny_model_factory(arch, **overrides), block_size, chunks, seed=len(case),
+                             attn_implementation="sdpa" if case in SDPA_REFERENCE else "eager")
 
 
 # (arch, base overrides, changes each of which must alter transformers' logits)
