@@ -1,4 +1,4 @@
-"""Gemma and Gemma 2.
+"""Gemma, Gemma 2 and Gemma 3 (text).
 
 Gemma: Llama with RMSNorms that scale by (1 + weight) in float32, embeddings scaled by
 sqrt(hidden_size) (rounded to the model dtype, as transformers does), a gelu-tanh gated MLP and
@@ -8,17 +8,23 @@ Gemma 2 adds: a norm after attention and around the MLP (four per layer), attent
 `query_pre_attn_scalar ** -0.5`, attention logit soft-capping (in each layer's AttentionSpec),
 sliding windows on the layers `layer_types` marks (alternating, by default), and soft-capped final
 logits: cap * tanh(logits / cap).
+
+Gemma 3 adds per-head q/k norms and rotates local (sliding) and global layers with their own rope
+parameters (`rope_parameters[layer_type]`); soft-capping is off by default.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from textgen.core.layers.norm import GemmaRMSNorm
+from textgen.core.layers.rotary import get_rope
 from textgen.core.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel,
-                                       typed_sliding_windows)
+                                       head_size_of, typed_sliding_windows)
+from textgen.core.models.qwen3 import per_head
 
 if TYPE_CHECKING:
     from textgen.core.forward_context import ForwardContext
@@ -103,3 +109,53 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         logits = self.lm_head(hidden)
         cap = getattr(self.config, "final_logit_softcapping", None)
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class Gemma3Attention(Gemma2Attention):
+    """Gemma 2's attention with Gemma RMSNorms over each head of q and k before rotary."""
+
+    def __init__(self, cfg: Any, layer_idx: int, build: ModelBuildContext, sliding_window: int | None) -> None:
+        super().__init__(cfg, layer_idx, build, sliding_window)
+        self.q_norm = GemmaRMSNorm(self.head_size, cfg.rms_norm_eps, build.dtype)
+        self.k_norm = GemmaRMSNorm(self.head_size, cfg.rms_norm_eps, build.dtype)
+
+    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().project(hidden)
+        return per_head(self.q_norm, q, self.head_size), per_head(self.k_norm, k, self.head_size), v
+
+
+class Gemma3DecoderLayer(Gemma2DecoderLayer):
+    def __init__(self, cfg: Any, layer_idx: int, build: ModelBuildContext, sliding_window: int | None) -> None:
+        super().__init__(cfg, layer_idx, build, sliding_window)
+        self.self_attn = Gemma3Attention(cfg, layer_idx, build, sliding_window)
+        self.layer_type = cfg.layer_types[layer_idx]
+
+
+class Gemma3Model(GemmaModel):
+    """Local (sliding) and global layers each rotate with their own rope parameters
+    (`rope_parameters[layer_type]`: a lower base for the local ones, scaling for the global)."""
+
+    layer_cls = Gemma3DecoderLayer
+
+    def __init__(self, cfg: Any, build: ModelBuildContext, windows: list[int | None]) -> None:
+        super().__init__(cfg, build, windows)
+        del self.rotary_emb
+        head_size = head_size_of(cfg)
+        self.rotary = nn.ModuleDict({
+            kind: get_rope(SimpleNamespace(rope_parameters=cfg.rope_parameters[kind],
+                                           max_position_embeddings=cfg.max_position_embeddings), head_size)
+            for kind in sorted(set(cfg.layer_types))})
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        cos_sin = {kind: rotary.cos_sin(positions, hidden.dtype) for kind, rotary in self.rotary.items()}
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos_sin[layer.layer_type], self.rotary[layer.layer_type], ctx)
+        return self.norm(hidden, residual)[0]
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3's text model (`Gemma3ForCausalLM`, model_type gemma3_text)."""
+
+    model_cls = Gemma3Model

@@ -1,7 +1,7 @@
 """Phi-3: Llama math with q/k/v and gate/up already fused in the checkpoint (`qkv_proj`,
 `gate_up_proj`, loaded whole into the fused layers), optional partial rotary
 (`partial_rotary_factor` in the rope parameters) and `sliding_window` on every layer.
-"longrope" scaling (Phi-3 128k) is refused by the rotary layer until it is implemented."""
+"longrope" scaling (Phi-3 128k) is applied per position by the rotary layer (see rotary.py)."""
 from __future__ import annotations
 
 from typing import Any

@@ -27,6 +27,7 @@ ARCHITECTURES: dict[str, str] = {
     "GPTBigCodeForCausalLM": _M + "gpt2:GPT2LMHeadModel",
     "BloomForCausalLM": _M + "bloom:BloomForCausalLM",
     "FalconForCausalLM": _M + "falcon:FalconForCausalLM",
+    "Gemma3ForCausalLM": _M + "gemma:Gemma3ForCausalLM",
     "Phi3ForCausalLM": _M + "phi3:Phi3ForCausalLM",
     "MixtralForCausalLM": _M + "mixtral:MixtralForCausalLM",
     "Qwen2MoeForCausalLM": _M + "mixtral:Qwen2MoeForCausalLM",

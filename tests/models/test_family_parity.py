@@ -14,11 +14,15 @@ from textgen.testing.paged_model import Seq
 # mask, transformers 5.24); its SDPA path adds it once, as the model was trained: the reference.
 SDPA_REFERENCE = {"falcon-rw-alibi-sequential-bias"}
 
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]}
+
 # case -> (tiny architecture, config overrides, block size, prefill chunks)
 CASES = {
     "qwen3-window-per-layer": ("qwen3", {}, 4, [13, 9, 11]),
     "gemma": ("gemma", {}, 4, [13, 9, 11]),
     "gemma2-softcap-alternating-window": ("gemma2", {}, 4, [13, 9, 11]),
+    "gemma3-local-global-rope-qk-norm": ("gemma3", {}, 4, [13, 9, 11]),
     "phi3-partial-rotary-window": ("phi3", {"partial_rotary_factor": 0.5, "sliding_window": 8}, 4, [13, 9, 11]),
     "gpt-neox-parallel-residual": ("gpt_neox", {}, 4, [13, 9, 11]),
     "gpt-neox-sequential-residual": ("gpt_neox", {"use_parallel_residual": False}, 4, [13, 9, 11]),
@@ -44,6 +48,8 @@ CASES = {
                                                     "num_ln_in_parallel_attn": 1}, 4, [13, 9, 11]),
     "falcon-rw-alibi-sequential-bias": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False,
                                                    "bias": True}, 4, [13, 9, 11]),
+    "phi3-longrope-short": ("phi3", {"rope_parameters": LONGROPE, "original_max_position_embeddings": 64},
+                            4, [13, 9, 11]),
     "mixtral-moe-window": ("mixtral", {}, 4, [13, 9, 11]),
     "qwen2-moe-shared-expert-dense-layer": ("qwen2_moe", {}, 4, [13, 9, 11]),
     "qwen3-moe-norm-topk": ("qwen3_moe", {"seed": 1}, 4, [13, 9, 11]),  # seed 0 leaves an expert idle
@@ -62,9 +68,14 @@ GUARDS = [
     ("gemma2", {}, [{"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
                     {"sliding_window": 1024}, {"query_pre_attn_scalar": 16}]),
     ("qwen3", {}, [{"sliding_window": 1024}]),
+    ("gemma3", {}, [{"sliding_window": 1024}, {"rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}]),
     ("phi3", {"partial_rotary_factor": 0.5, "sliding_window": 8}, [{"partial_rotary_factor": 1.0},
                                                                    {"sliding_window": None}]),
     ("mixtral", {}, [{"sliding_window": None}]),
+    ("phi3", {"rope_parameters": LONGROPE, "original_max_position_embeddings": 64},
+     [{"rope_parameters": {**LONGROPE, "short_factor": [1.0] * 8}}]),
     ("gpt_neox", {}, [{"rotary_pct": 1.0}, {"use_parallel_residual": False}]),
     ("stablelm", {}, [{"qk_layernorm": False}, {"use_qkv_bias": False}]),
     ("starcoder2", {}, [{"sliding_window": None}]),
@@ -108,3 +119,22 @@ def test_mixed_batch_equals_each_request_alone(tiny_model_factory, name: str) ->
         alone = alone_runner.step([(Seq(list(seq.tokens)), len(seq.tokens))])[0]
         torch.testing.assert_close(batched[key], alone, atol=1e-5, rtol=0)
         torch.testing.assert_close(batched[key], hf_logits(path, seq.tokens), atol=ATOL, rtol=0)
+
+
+def test_longrope_uses_the_long_factors_from_the_original_length_on(tiny_model_factory) -> None:
+    """Per position: short factors below original_max_position_embeddings (the parity case above),
+    transformers' long frequencies and attention factor from there on."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from textgen.core.layers.rotary import get_rope
+
+    config = AutoConfig.from_pretrained(tiny_model_factory("phi3", rope_parameters=LONGROPE,
+                                                           original_max_position_embeddings=64))
+    rotary = get_rope(config, 16)
+    short, factor = ROPE_INIT_FUNCTIONS["longrope"](config, None)
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, None, seq_len=65)
+    assert factor > 1 and not torch.allclose(short, long)
+    for position, inv_freq in ((63, short), (64, long), (500, long)):
+        torch.testing.assert_close(rotary.cos_cache[position], (position * inv_freq).cos() * factor)
+        torch.testing.assert_close(rotary.sin_cache[position], (position * inv_freq).sin() * factor)

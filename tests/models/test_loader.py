@@ -28,7 +28,7 @@ NATIVE_ARCHITECTURES = sorted([
     "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM", "StableLmForCausalLM", "MixtralForCausalLM",
     "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Starcoder2ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM",
     "PhiForCausalLM", "CohereForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
-    "BloomForCausalLM", "FalconForCausalLM",
+    "BloomForCausalLM", "FalconForCausalLM", "Gemma3ForCausalLM",
 ])
 
 
