@@ -3,36 +3,16 @@ KV cache: prefill (whole or chunked after a cached prefix), greedy decode steps,
 of several requests that must equal each request run alone."""
 from __future__ import annotations
 
-import functools
 import json
+
 import pytest
 import torch
 
-from textgen.core.config import EngineConfig
-from textgen.testing.paged_model import PagedModel, Seq, load_bound_model
+from tests.models.parity import ATOL, PagedRunner, hf_logits, prompt_of
+from textgen.testing.paged_model import Seq
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
-NUM_BLOCKS = 96
-ATOL = 1e-4
-
-
-class PagedRunner(PagedModel):
-    def __init__(self, path: str, block_size: int) -> None:
-        super().__init__(load_bound_model(EngineConfig(model_id=path, dtype="float32", block_size=block_size)),
-                         num_blocks=NUM_BLOCKS)
-
-
-@functools.lru_cache(maxsize=4)
-def _hf_model(path: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-
-
-def hf_logits(path: str, tokens: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return _hf_model(path)(torch.tensor([tokens])).logits[0].float()
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +31,6 @@ def model_path(tiny_model_factory, tmp_path_factory):
         return built[key]
 
     return get
-
-
-def prompt_of(length: int, seed: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(4, 1000, (length,), generator=gen).tolist()
 
 
 CASES = {
