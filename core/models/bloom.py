@@ -5,18 +5,17 @@ query_key_value ([q | k | v] per head), LayerNorm blocks whose residual is the n
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from textgen.core.attention import AttentionSpec
 from textgen.core.layers.attention import Attention
-from textgen.core.layers.embedding import LMHead, VocabEmbedding
+from textgen.core.layers.embedding import VocabEmbedding
 from textgen.core.layers.linear import ColumnLinear, RowLinear
 from textgen.core.layers.norm import LayerNorm
-from textgen.core.model import Model
-from textgen.core.models.weights import WeightMap, load_weights
+from textgen.core.models.causal_lm import CausalLM
 
 if TYPE_CHECKING:
     from textgen.core.forward_context import ForwardContext
@@ -100,23 +99,6 @@ class BloomModel(nn.Module):
         return self.ln_f(hidden)
 
 
-class BloomForCausalLM(Model):
-    def __init__(self, hf_config: Any, build: ModelBuildContext) -> None:
-        super().__init__()
-        self.config = hf_config
-        self.tied = bool(getattr(hf_config, "tie_word_embeddings", True))
-        self.transformer = BloomModel(hf_config, build)
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype,
-                              tied_to=self.transformer.word_embeddings if self.tied else None)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.transformer(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # bigscience's own files name tensors without the "transformer." prefix
-        prefixed = ((n if n.startswith(("transformer.", "lm_head.")) else "transformer." + n, t) for n, t in weights)
-        wmap = WeightMap(stacked=(), tied_lm_head="lm_head." if self.tied else None)
-        return load_weights(self, prefixed, wmap)
+class BloomForCausalLM(CausalLM):
+    trunk_cls = BloomModel
+    bare_names = True  # bigscience's own files name tensors without the "transformer." prefix

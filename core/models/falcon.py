@@ -9,7 +9,7 @@ New (Falcon-40B/180B, `new_decoder_architecture`): `num_kv_heads` KV groups, eac
 Every variant: x + attn + mlp (parallel) or the sequential residuals; gelu MLP; biases with `bias`."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,13 +17,12 @@ from torch import nn
 from textgen.core.attention import AttentionSpec
 from textgen.core.layers.activation import activation
 from textgen.core.layers.attention import Attention
-from textgen.core.layers.embedding import LMHead, VocabEmbedding
+from textgen.core.layers.embedding import VocabEmbedding
 from textgen.core.layers.linear import ColumnLinear, RowLinear
 from textgen.core.layers.norm import LayerNorm
 from textgen.core.layers.rotary import RotaryEmbedding, get_rope
-from textgen.core.model import Model
 from textgen.core.models.bloom import alibi_slopes
-from textgen.core.models.weights import WeightMap, load_weights
+from textgen.core.models.causal_lm import CausalLM
 
 if TYPE_CHECKING:
     from textgen.core.forward_context import ForwardContext
@@ -124,22 +123,10 @@ class FalconModel(nn.Module):
         return self.ln_f(hidden)
 
 
-class FalconForCausalLM(Model):
+class FalconForCausalLM(CausalLM):
+    trunk_cls = FalconModel
+
     def __init__(self, hf_config: Any, build: ModelBuildContext) -> None:
-        super().__init__()
         if build.tp_size != 1:
             raise ValueError("Falcon runs on one device only (its grouped query_key_value is not sharded yet)")
-        self.config = hf_config
-        self.tied = bool(getattr(hf_config, "tie_word_embeddings", True))
-        self.transformer = FalconModel(hf_config, build)
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype,
-                              tied_to=self.transformer.word_embeddings if self.tied else None)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.transformer(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_weights(self, weights, WeightMap(stacked=(), tied_lm_head="lm_head." if self.tied else None))
+        super().__init__(hf_config, build)

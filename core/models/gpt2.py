@@ -8,7 +8,7 @@ GPT-BigCode uses plain Linear layers; with `multi_query` c_attn is [q (all heads
 shared KV head, else it is laid out per head as [q | k | v]."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,11 +16,10 @@ from torch import nn
 from textgen.core.attention import AttentionSpec
 from textgen.core.layers.activation import activation
 from textgen.core.layers.attention import Attention
-from textgen.core.layers.embedding import LMHead, VocabEmbedding
+from textgen.core.layers.embedding import VocabEmbedding
 from textgen.core.layers.linear import ColumnLinear, RowLinear
 from textgen.core.layers.norm import LayerNorm
-from textgen.core.model import Model
-from textgen.core.models.weights import WeightMap, load_weights
+from textgen.core.models.causal_lm import CausalLM
 
 if TYPE_CHECKING:
     from textgen.core.forward_context import ForwardContext
@@ -105,31 +104,15 @@ class GPT2Model(nn.Module):
         return self.ln_f(hidden)
 
 
-class GPT2LMHeadModel(Model):
+class GPT2LMHeadModel(CausalLM):
     """GPT2LMHeadModel and GPTBigCodeForCausalLM."""
 
+    trunk_cls = GPT2Model
+    embedding_name = "wte"
+    bare_names = True  # the original GPT-2 files name tensors without "transformer."
+    ignored_suffixes = (".attn.bias", ".attn.masked_bias")  # their causal-mask buffers
+
     def __init__(self, hf_config: Any, build: ModelBuildContext) -> None:
-        super().__init__()
         if build.tp_size != 1:
             raise ValueError(f"{hf_config.model_type} runs on one device only (its fused c_attn is not sharded yet)")
-        self.config = hf_config
-        self.tied = bool(getattr(hf_config, "tie_word_embeddings", True))
-        self.transformer = GPT2Model(hf_config, build)
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype,
-                              tied_to=self.transformer.wte if self.tied else None)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.transformer(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # the original GPT-2 files name tensors without "transformer." and carry causal-mask buffers
-        wmap = WeightMap(stacked=(), ignored_suffixes=(".attn.bias", ".attn.masked_bias"),
-                         tied_lm_head="lm_head." if self.tied else None)
-        return load_weights(self, ((_prefixed(name), t) for name, t in weights), wmap)
-
-
-def _prefixed(name: str) -> str:
-    return name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+        super().__init__(hf_config, build)

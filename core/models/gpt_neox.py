@@ -4,7 +4,7 @@ output is laid out per head as [q | k | v] (so it is split after a per-head view
 x + attn(ln1(x)) + mlp(ln2(x)) (or the sequential one with `use_parallel_residual=False`)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,12 +12,12 @@ from torch import nn
 from textgen.core.attention import AttentionSpec
 from textgen.core.layers.activation import activation
 from textgen.core.layers.attention import Attention
-from textgen.core.layers.embedding import LMHead, VocabEmbedding
+from textgen.core.layers.embedding import VocabEmbedding
 from textgen.core.layers.linear import ColumnLinear, RowLinear
 from textgen.core.layers.norm import LayerNorm
 from textgen.core.layers.rotary import RotaryEmbedding, get_rope
-from textgen.core.model import Model
-from textgen.core.models.weights import ROTARY_BUFFERS, WeightMap, load_weights
+from textgen.core.models.causal_lm import CausalLM
+from textgen.core.models.weights import ROTARY_BUFFERS
 
 if TYPE_CHECKING:
     from textgen.core.forward_context import ForwardContext
@@ -92,23 +92,8 @@ class GPTNeoXModel(nn.Module):
         return self.final_layer_norm(hidden)
 
 
-class GPTNeoXForCausalLM(Model):
-    def __init__(self, hf_config: Any, build: ModelBuildContext) -> None:
-        super().__init__()
-        self.config = hf_config
-        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.gpt_neox = GPTNeoXModel(hf_config, build)
-        self.embed_out = LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype,
-                                tied_to=self.gpt_neox.embed_in if self.tied else None)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.gpt_neox(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.embed_out(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # old checkpoints carry the causal-mask buffers attention.bias / attention.masked_bias
-        wmap = WeightMap(stacked=(), ignored_suffixes=(*ROTARY_BUFFERS, ".attention.bias", ".attention.masked_bias"),
-                         tied_lm_head="embed_out." if self.tied else None)
-        return load_weights(self, weights, wmap)
+class GPTNeoXForCausalLM(CausalLM):
+    trunk_cls = GPTNeoXModel
+    trunk_name, head_name, embedding_name, tied_default = "gpt_neox", "embed_out", "embed_in", False
+    # old checkpoints carry the causal-mask buffers attention.bias / attention.masked_bias
+    ignored_suffixes = (*ROTARY_BUFFERS, ".attention.bias", ".attention.masked_bias")
