@@ -7,7 +7,7 @@ import functools
 import torch
 
 from textgen.core.config import EngineConfig
-from textgen.testing.paged_model import PagedModel, load_bound_model
+from textgen.testing.paged_model import PagedModel, Seq, load_bound_model
 
 NUM_BLOCKS = 96
 ATOL = 1e-4
@@ -50,3 +50,20 @@ def check_prefill_and_decode(path: str, block_size: int, chunks: list[int], step
     assert len(seq.blocks) > 2, "the prompt should span several blocks"
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
     assert seq.tokens[len(prompt):] == ref[len(prompt) - 1: -1].argmax(-1).tolist()
+
+
+def check_mixed_batch(path: str) -> None:
+    """Three requests sharing steps (a chunk after a cached prefix, a decode and a full prefill
+    in one step): each one's logits equal running it alone (1e-5) and transformers (ATOL)."""
+    prompts = [prompt_of(23, 10), prompt_of(9, 11), prompt_of(35, 12)]
+    runner = PagedRunner(path, 4)
+    a, b, c = (Seq(list(p)) for p in prompts)
+    step1 = runner.step([(a, 23), (c, 20)])
+    a.tokens.append(int(step1[0][-1].argmax()))
+    step2 = runner.step([(c, 15), (a, 1), (b, 9)])
+    batched = {"a": torch.cat([step1[0], step2[1]]), "b": step2[2], "c": torch.cat([step1[1], step2[0]])}
+    alone_runner = PagedRunner(path, 4)
+    for name, seq in (("a", a), ("b", b), ("c", c)):
+        alone = alone_runner.step([(Seq(list(seq.tokens)), len(seq.tokens))])[0]
+        torch.testing.assert_close(batched[name], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched[name], hf_logits(path, seq.tokens), atol=ATOL, rtol=0)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.models.parity import ATOL, PagedRunner, check_prefill_and_decode, hf_logits, prompt_of
-from textgen.testing.paged_model import Seq
+from tests.models.parity import check_mixed_batch, check_prefill_and_decode, hf_logits, prompt_of
 
 # transformers' eager Falcon adds ALiBi twice (once in the scores, once folded into the causal
 # mask, transformers 5.24); its SDPA path adds it once, as the model was trained: the reference.
@@ -106,19 +105,7 @@ def test_mixed_batch_equals_each_request_alone(tiny_model_factory, name: str) ->
     """Three requests in shared steps (a chunk after a cached prefix, a decode and a full prefill
     together): each one's logits equal running it alone and transformers."""
     arch, overrides = _BATCHED_OVERRIDES.get(name, (name, {}))
-    path = tiny_model_factory(arch, **overrides)
-    prompts = [prompt_of(23, 10), prompt_of(9, 11), prompt_of(35, 12)]
-    runner = PagedRunner(path, 4)
-    a, b, c = (Seq(list(p)) for p in prompts)
-    step1 = runner.step([(a, 23), (c, 20)])
-    a.tokens.append(int(step1[0][-1].argmax()))
-    step2 = runner.step([(c, 15), (a, 1), (b, 9)])
-    batched = {"a": torch.cat([step1[0], step2[1]]), "b": step2[2], "c": torch.cat([step1[1], step2[0]])}
-    alone_runner = PagedRunner(path, 4)
-    for key, seq in (("a", a), ("b", b), ("c", c)):
-        alone = alone_runner.step([(Seq(list(seq.tokens)), len(seq.tokens))])[0]
-        torch.testing.assert_close(batched[key], alone, atol=1e-5, rtol=0)
-        torch.testing.assert_close(batched[key], hf_logits(path, seq.tokens), atol=ATOL, rtol=0)
+    check_mixed_batch(tiny_model_factory(arch, **overrides))
 
 
 def test_longrope_uses_the_long_factors_from_the_original_length_on(tiny_model_factory) -> None:

@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.models.parity import ATOL, PagedRunner, hf_logits, prompt_of
-from textgen.testing.paged_model import Seq
+from tests.models.parity import ATOL, PagedRunner, check_mixed_batch, hf_logits, prompt_of
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -72,17 +71,4 @@ def test_sliding_window_and_llama3_rope_change_the_result(model_path) -> None:
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 8})],
                          ids=["llama", "mistral-window8"])
 def test_mixed_batch_equals_each_request_alone(model_path, arch: str, overrides: dict) -> None:
-    path = model_path(arch, **overrides)
-    prompts = [prompt_of(23, 10), prompt_of(9, 11), prompt_of(35, 12)]
-    runner = PagedRunner(path, 4)
-    a, b, c = (Seq(list(p)) for p in prompts)
-    step1 = runner.step([(a, 23), (c, 20)])
-    a.tokens.append(int(step1[0][-1].argmax()))
-    step2 = runner.step([(c, 15), (a, 1), (b, 9)])  # chunk after cached prefix, decode, full prefill
-    batched = {"a": torch.cat([step1[0], step2[1]]), "b": step2[2], "c": torch.cat([step1[1], step2[0]])}
-
-    alone_runner = PagedRunner(path, 4)
-    for name, seq in (("a", a), ("b", b), ("c", c)):
-        alone = alone_runner.step([(Seq(list(seq.tokens)), len(seq.tokens))])[0]
-        torch.testing.assert_close(batched[name], alone, atol=1e-5, rtol=0)
-        torch.testing.assert_close(batched[name], hf_logits(path, seq.tokens), atol=ATOL, rtol=0)
+    check_mixed_batch(model_path(arch, **overrides))
