@@ -44,28 +44,81 @@ def make_tokenizer(out: str | os.PathLike, vocab_size: int = 1000) -> None:
     ).save_pretrained(str(out))
 
 
+# arch -> (transformers config class, its overrides of COMMON). Families past the first three get
+# 1-D parameters (norm weights, biases) drawn at random too (`_randomise_vectors`): transformers
+# initialises them to constants that would hide a missing bias or a wrong norm offset.
+COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+)
+_LAYER_PAIR = ["sliding_attention", "full_attention"]
+_MOE = dict(num_local_experts=4, num_experts_per_tok=2, initializer_range=0.1)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 32}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16, "use_sliding_window": True, "sliding_window": 8,
+                              "layer_types": _LAYER_PAIR}),
+    "gemma": ("GemmaConfig", {"head_dim": 16, "tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 8,
+                                "query_pre_attn_scalar": 24, "attn_logit_softcapping": 1.0,
+                                "final_logit_softcapping": 2.0, "initializer_range": 0.2}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 8,
+                                    "query_pre_attn_scalar": 24, "layer_types": _LAYER_PAIR, "initializer_range": 0.2,
+                                    "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                           "rope_theta": 10000.0},
+                                                        "sliding_attention": {"rope_type": "default",
+                                                                              "rope_theta": 100.0}}}),
+    "phi3": ("Phi3Config", {}),
+    "mixtral": ("MixtralConfig", {**_MOE, "sliding_window": 8}),
+    "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None, "rotary_pct": 0.5, "initializer_range": 0.2}),
+    "stablelm": ("StableLmConfig", {"use_qkv_bias": True, "qk_layernorm": True}),
+    "starcoder2": ("Starcoder2Config", {"sliding_window": 8}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 3.0, "attention_multiplier": 0.5,
+                                  "residual_multiplier": 0.6, "logits_scaling": 0.7, "attention_bias": True,
+                                  "initializer_range": 0.1}),
+    "olmo2": ("Olmo2Config", {}),
+    "phi": ("PhiConfig", {"qk_layernorm": True}),
+    "cohere": ("CohereConfig", {"use_qk_norm": True, "logit_scale": 0.5, "tie_word_embeddings": True}),
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024,
+                            "scale_attn_by_inverse_layer_idx": True, "tie_word_embeddings": True,
+                            "initializer_range": 0.2}),
+    "gpt_bigcode": ("GPTBigCodeConfig", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024,
+                                         "multi_query": True, "tie_word_embeddings": True}),
+    "bloom": ("BloomConfig", {"n_layer": 2, "n_head": 4, "tie_word_embeddings": True, "initializer_range": 0.2}),
+    "falcon": ("FalconConfig", {"initializer_range": 0.2}),  # Falcon-7B: multi-query, parallel attention
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 48, "norm_topk_prob": False,
+                                     "mlp_only_layers": [1], "initializer_range": 0.1}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "norm_topk_prob": True,
+                                     "initializer_range": 0.1}),
+}
+_ORIGINAL = ("llama", "mistral", "qwen2")
+
+
 def _config(arch: str, vocab: int, **overrides: object):
     import transformers
 
-    common = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
-    )
-    if arch == "llama":
-        cls = transformers.LlamaConfig
-    elif arch == "mistral":
-        cls, common = transformers.MistralConfig, {**common, "sliding_window": 32}
-    elif arch == "qwen2":
-        cls, common = transformers.Qwen2Config, {**common, "tie_word_embeddings": True}
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}")
-    common.update(overrides)
-    return cls(**common)
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown tiny architecture {arch!r} (known: {', '.join(FAMILIES)})")
+    cls_name, own = FAMILIES[arch]
+    return getattr(transformers, cls_name)(**{"vocab_size": vocab, **COMMON, **own, **overrides})
+
+
+def _randomise_vectors(model, seed: int) -> None:
+    """Every 1-D parameter (norm weights and biases) += N(0, 0.2^2), seeded."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.2)
 
 
 def make_tiny_model(out: str | os.PathLike, arch: str = "llama", seed: int = 0, **overrides: object) -> Path:
-    """Write a tiny random `arch` model (llama | mistral | qwen2) with its tokenizer to `out`."""
+    """Write a tiny random `arch` model (a key of FAMILIES) with its tokenizer to `out`."""
     import torch
     import transformers
 
@@ -75,5 +128,7 @@ def make_tiny_model(out: str | os.PathLike, arch: str = "llama", seed: int = 0, 
     config = _config(arch, 1000, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch not in _ORIGINAL:
+        _randomise_vectors(model, seed)
     model.save_pretrained(str(out), safe_serialization=True)
     return out

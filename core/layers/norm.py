@@ -37,3 +37,56 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
                          f"of shape {tuple(param.shape)}")
     param.data.copy_(loaded)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: y = (x / rms(x)) * (1 + weight), all in float32, cast back at the end
+    (the checkpoint stores weight - 1; transformers initialises it to zeros)."""
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch LayerNorm (optionally without bias) with the same fused residual add as RMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class PerHeadLayerNorm(nn.Module):
+    """LayerNorm without bias over each head of a flat [T, H*D] tensor, head h scaled by its own
+    weight row `weight[h]` (StableLM's `norms.h.weight` one shard per head; Cohere's [H, D] whole)."""
+
+    def __init__(self, num_heads: int, head_size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head_size, self.eps = head_size, eps
+        self.weight = nn.Parameter(torch.ones(num_heads, head_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self._load
+        self.weight.required_shards = frozenset(range(num_heads))
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        default_weight_loader(param if shard_id is None else param.data[shard_id], loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = x.view(x.shape[0], -1, self.head_size)
+        return (torch.nn.functional.layer_norm(heads, (self.head_size,), eps=self.eps) * self.weight).view(x.shape)

@@ -1,8 +1,13 @@
 """Llama-family causal LMs (Llama, Mistral, Qwen2) in plain torch over the paged KV cache.
 
 Parameter names follow Hugging Face's except for the fused projections (`qkv_proj` from
-q/k/v_proj, `gate_up_proj` from gate/up_proj), which `load_weights` maps through each
+q/k/v_proj, `gate_up_proj` from gate/up_proj), which the shared `WeightMap` maps through each
 parameter's own `weight_loader`.
+
+The classes are also the base of the Llama-like families (Qwen3, Mixtral, Granite, ...): each
+layer class names its sub-layer classes (`attention_cls`, `mlp_cls`, `layer_cls`, `model_cls`)
+and the attention splits its math into `project` (q, k, v before rotary) and `spec_scale`, so a
+family overrides only what differs.
 """
 from __future__ import annotations
 
@@ -12,29 +17,30 @@ import torch
 from torch import nn
 
 from textgen.core.attention import AttentionSpec
-from textgen.core.layers.activation import SiluAndMul
+from textgen.core.layers.activation import ActAndMul, SiluAndMul
 from textgen.core.layers.attention import Attention
 from textgen.core.layers.embedding import LMHead, VocabEmbedding
 from textgen.core.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
 from textgen.core.layers.norm import RMSNorm
 from textgen.core.layers.rotary import RotaryEmbedding, get_rope
 from textgen.core.model import Model
+from textgen.core.models.weights import WeightMap, load_weights
 
 if TYPE_CHECKING:
     from textgen.core.forward_context import ForwardContext
     from textgen.core.models.base import ModelBuildContext
 
-# (fused parameter part, checkpoint part, shard id)
-_STACKED = (
-    (".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
-    (".gate_up_proj.", ".gate_proj.", 0), (".gate_up_proj.", ".up_proj.", 1),
-)
-_FUSED_SHARDS = {".qkv_proj.": {"q", "k", "v"}, ".gate_up_proj.": {0, 1}}
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-
 
 def head_size_of(cfg: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+_EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "norm_epsilon", "layer_norm_epsilon")
+
+
+def norm_eps(cfg: Any) -> float:
+    """The config's norm epsilon, under whichever name the family gives it."""
+    return next(getattr(cfg, f) for f in _EPS_FIELDS if getattr(cfg, f, None) is not None)
 
 
 def layer_sliding_windows(cfg: Any) -> list[int | None]:
@@ -52,6 +58,13 @@ def layer_sliding_windows(cfg: Any) -> list[int | None]:
         return [window] * n
     if not getattr(cfg, "use_sliding_window", False):
         return [None] * n
+    return typed_sliding_windows(cfg)
+
+
+def typed_sliding_windows(cfg: Any) -> list[int | None]:
+    """`sliding_window` on the layers `layer_types` marks "sliding_attention" (transformers 5
+    configs derive `layer_types` from their own rule when the checkpoint lacks it)."""
+    n, window = cfg.num_hidden_layers, getattr(cfg, "sliding_window", None) or None
     types = getattr(cfg, "layer_types", None) or [
         "sliding_attention" if i >= cfg.max_window_layers else "full_attention" for i in range(n)]
     return [window if t == "sliding_attention" else None for t in types]
@@ -61,51 +74,77 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, layer_idx: int, build: ModelBuildContext, sliding_window: int | None) -> None:
         super().__init__()
         head_size, tp = head_size_of(cfg), build.tp_size
+        self.head_size = head_size
         num_heads, num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        attention_bias = bool(getattr(cfg, "attention_bias", False))
-        qkv_bias = attention_bias or getattr(cfg, "model_type", "") == "qwen2"
+        qkv_bias, attention_bias = self.biases(cfg)
         self.qkv_proj = QKVLinear(cfg.hidden_size, head_size, num_heads, num_kv_heads, qkv_bias, build.dtype,
                                   build.quantizer, build.tp_rank, tp)
         self.o_proj = RowLinear(num_heads * head_size, cfg.hidden_size, attention_bias, build.dtype,
                                 build.quantizer, build.tp_rank, tp)
         local_heads, local_kv = num_heads // tp, max(1, num_kv_heads // tp)
         self.sizes = [local_heads * head_size, local_kv * head_size, local_kv * head_size]
-        spec = AttentionSpec(local_heads, local_kv, head_size, build.dtype, scale=head_size ** -0.5,
-                             sliding_window=sliding_window)
+        spec = AttentionSpec(local_heads, local_kv, head_size, build.dtype, scale=self.spec_scale(cfg, head_size),
+                             sliding_window=sliding_window, logits_soft_cap=self.spec_soft_cap(cfg))
         self.attn = Attention(spec, layer_idx)
+
+    def biases(self, cfg: Any) -> tuple[bool, bool]:
+        """(q/k/v projections have a bias, o_proj has one)."""
+        attention_bias = bool(getattr(cfg, "attention_bias", False))
+        qkv_bias = getattr(cfg, "qkv_bias", None)  # Qwen2-MoE names it; Qwen2 always has one
+        if qkv_bias is None:
+            qkv_bias = attention_bias or getattr(cfg, "model_type", "") == "qwen2"
+        return bool(qkv_bias), attention_bias
+
+    def spec_scale(self, cfg: Any, head_size: int) -> float:
+        return head_size ** -0.5
+
+    def spec_soft_cap(self, cfg: Any) -> float | None:
+        return None
+
+    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H*D], k and v [T, Hkv*D] before rotary."""
+        q, k, v = self.qkv_proj(hidden).split(self.sizes, dim=-1)
+        return q, k, v
 
     def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], rotary: RotaryEmbedding,
                 ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split(self.sizes, dim=-1)
+        q, k, v = self.project(hidden)
         q, k = rotary(q, k, *cos_sin)
         return self.o_proj(self.attn(q, k, v, ctx))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, build: ModelBuildContext) -> None:
+    """down(act(gate(x)) * up(x)) with gate and up fused; the activation is the config's
+    `hidden_act` (`activation_key` names another field, e.g. Gemma 2's "hidden_activation")."""
+
+    activation_key = "hidden_act"
+
+    def __init__(self, cfg: Any, build: ModelBuildContext, intermediate_size: int | None = None) -> None:
         super().__init__()
-        act = getattr(cfg, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act {act!r} is not supported by the native Llama model (only 'silu')")
+        act = getattr(cfg, self.activation_key, None) or "silu"
         bias = bool(getattr(cfg, "mlp_bias", False))
-        size = cfg.intermediate_size
+        size = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, [size, size], bias, build.dtype,
                                                build.quantizer, build.tp_rank, build.tp_size)
         self.down_proj = RowLinear(size, cfg.hidden_size, bias, build.dtype, build.quantizer,
                                    build.tp_rank, build.tp_size)
-        self.act_fn = SiluAndMul()
+        self.act_fn = SiluAndMul() if act == "silu" else ActAndMul(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_cls: type[nn.Module] = LlamaAttention
+    mlp_cls: type[nn.Module] = LlamaMLP
+    norm_cls: type[nn.Module] = RMSNorm
+
     def __init__(self, cfg: Any, layer_idx: int, build: ModelBuildContext, sliding_window: int | None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, build, sliding_window)
-        self.mlp = LlamaMLP(cfg, build)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+        self.self_attn = self.attention_cls(cfg, layer_idx, build, sliding_window)
+        self.mlp = self.make_mlp(cfg, layer_idx, build)
+        self.input_layernorm = self.norm_cls(cfg.hidden_size, norm_eps(cfg), build.dtype)
+        self.post_attention_layernorm = self.norm_cls(cfg.hidden_size, norm_eps(cfg), build.dtype)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 rotary: RotaryEmbedding, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,37 +158,58 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def make_mlp(self, cfg: Any, layer_idx: int, build: ModelBuildContext) -> nn.Module:
+        return self.mlp_cls(cfg, build)
+
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, build: ModelBuildContext) -> None:
+    layer_cls: type[nn.Module] = LlamaDecoderLayer
+    norm_cls: type[nn.Module] = RMSNorm
+
+    def __init__(self, cfg: Any, build: ModelBuildContext, windows: list[int | None]) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype)
-        windows = layer_sliding_windows(cfg)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, build, windows[i]) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+            self.layer_cls(cfg, i, build, windows[i]) for i in range(cfg.num_hidden_layers))
+        self.norm = self.make_norm(cfg, build)
         self.rotary_emb = get_rope(cfg, head_size_of(cfg))
 
+    def make_norm(self, cfg: Any, build: ModelBuildContext) -> nn.Module:
+        return self.norm_cls(cfg.hidden_size, norm_eps(cfg), build.dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         cos_sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos_sin, self.rotary_emb, ctx)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        # layers that add their residual themselves (StableLM, ...) return residual None
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(Model):
     """LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM."""
 
+    model_cls: type[nn.Module] = LlamaModel
+
     def __init__(self, hf_config: Any, build: ModelBuildContext) -> None:
         super().__init__()
         self.config = hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.model = LlamaModel(hf_config, build)
+        self.model = self.model_cls(hf_config, build, self.sliding_windows(hf_config))
         tied = self.model.embed_tokens if self.tie_word_embeddings else None
         self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype, tied_to=tied)
+
+    @staticmethod
+    def sliding_windows(cfg: Any) -> list[int | None]:
+        return layer_sliding_windows(cfg)
+
+    @property
+    def weight_map(self) -> WeightMap:
+        return WeightMap(tied_lm_head="lm_head." if self.tie_word_embeddings else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
@@ -160,33 +220,4 @@ class LlamaForCausalLM(Model):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Returns the parameters filled completely (a fused one only once all its parts came).
         Raises ValueError for checkpoint tensors that match no parameter."""
-        params = dict(self.named_parameters())
-        shards: dict[str, set[object]] = {}
-        unexpected: list[str] = []
-        for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES) or (self.tie_word_embeddings and name.startswith("lm_head.")):
-                continue
-            target, shard_id = _map_name(name)
-            param = params.get(target)
-            if param is None:
-                unexpected.append(name)
-                continue
-            param.weight_loader(param, tensor, shard_id)
-            shards.setdefault(target, set()).add(shard_id)
-        if unexpected:
-            raise ValueError(f"checkpoint tensors match no parameter of {type(self).__name__}: "
-                             f"{', '.join(sorted(unexpected)[:10])}" + (" ..." if len(unexpected) > 10 else ""))
-        return {name for name, got in shards.items() if _complete(name, got)}
-
-
-def _map_name(name: str) -> tuple[str, object]:
-    for fused, part, shard_id in _STACKED:
-        if part in name:
-            return name.replace(part, fused), shard_id
-    return name, None
-
-
-def _complete(name: str, got: set[object]) -> bool:
-    if None in got:
-        return True
-    return next((got >= need for fused, need in _FUSED_SHARDS.items() if fused in name), False)
+        return load_weights(self, weights, self.weight_map)

@@ -7,10 +7,31 @@ from textgen.core.registry import load_class
 
 _LLAMA = "textgen.core.models.llama:LlamaForCausalLM"
 
+_M = "textgen.core.models."
+
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
+    "Qwen3ForCausalLM": _M + "qwen3:Qwen3ForCausalLM",
+    "GemmaForCausalLM": _M + "gemma:GemmaForCausalLM",
+    "Gemma2ForCausalLM": _M + "gemma:Gemma2ForCausalLM",
+    "GPTNeoXForCausalLM": _M + "gpt_neox:GPTNeoXForCausalLM",
+    "StableLmForCausalLM": _M + "stablelm:StableLmForCausalLM",
+    "Starcoder2ForCausalLM": _M + "starcoder2:Starcoder2ForCausalLM",
+    "GraniteForCausalLM": _M + "granite:GraniteForCausalLM",
+    "Olmo2ForCausalLM": _M + "olmo2:Olmo2ForCausalLM",
+    "PhiForCausalLM": _M + "phi:PhiForCausalLM",
+    "CohereForCausalLM": _M + "cohere:CohereForCausalLM",
+    "GPT2LMHeadModel": _M + "gpt2:GPT2LMHeadModel",
+    "GPTBigCodeForCausalLM": _M + "gpt2:GPT2LMHeadModel",
+    "BloomForCausalLM": _M + "bloom:BloomForCausalLM",
+    "FalconForCausalLM": _M + "falcon:FalconForCausalLM",
+    "Gemma3ForCausalLM": _M + "gemma:Gemma3ForCausalLM",
+    "Phi3ForCausalLM": _M + "phi3:Phi3ForCausalLM",
+    "MixtralForCausalLM": _M + "mixtral:MixtralForCausalLM",
+    "Qwen2MoeForCausalLM": _M + "mixtral:Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM": _M + "mixtral:Qwen3MoeForCausalLM",
 }
 
 

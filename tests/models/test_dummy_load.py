@@ -10,6 +10,7 @@ import torch
 
 from textgen.core.config import EngineConfig
 from textgen.core.loader import ModelFilesError, load_model
+from textgen.testing.tiny_models import FAMILIES
 
 QWEN = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=3000, hidden_size=128,
             intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -81,3 +82,21 @@ def test_engine_generates_on_a_configuration(config_only: str) -> None:
     assert [len(o.token_ids) for o in outs] == [6, 6]
     assert all(0 <= t < 3000 for o in outs for t in o.token_ids)
     assert outs[0].text == "".join(f" t{t}" for t in outs[0].token_ids)
+
+
+@pytest.mark.parametrize("arch", sorted(set(FAMILIES) - {"llama", "mistral", "qwen2"}))
+def test_every_native_family_builds_from_config_alone_and_runs(arch: str, tmp_path: Path) -> None:
+    """What benchmarks and memory sizing do with any family: config.json only, dummy weights,
+    one paged prefill step with finite logits."""
+    from textgen.testing.paged_model import PagedModel, Seq, load_bound_model
+    from textgen.testing.tiny_models import _config
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = _config(arch, 500)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.save_pretrained(str(tmp_path))
+    model = load_bound_model(EngineConfig(model_id=str(tmp_path), dtype="float32", load_format="dummy",
+                                          block_size=4))
+    logits = PagedModel(model, num_blocks=16).step([(Seq(list(range(5, 18))), 13)])[0]
+    assert logits.shape == (13, 500) and torch.isfinite(logits).all()

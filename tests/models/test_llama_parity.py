@@ -3,36 +3,15 @@ KV cache: prefill (whole or chunked after a cached prefix), greedy decode steps,
 of several requests that must equal each request run alone."""
 from __future__ import annotations
 
-import functools
 import json
+
 import pytest
 import torch
 
-from textgen.core.config import EngineConfig
-from textgen.testing.paged_model import PagedModel, Seq, load_bound_model
+from tests.models.parity import ATOL, PagedRunner, check_mixed_batch, hf_logits, prompt_of
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
-NUM_BLOCKS = 96
-ATOL = 1e-4
-
-
-class PagedRunner(PagedModel):
-    def __init__(self, path: str, block_size: int) -> None:
-        super().__init__(load_bound_model(EngineConfig(model_id=path, dtype="float32", block_size=block_size)),
-                         num_blocks=NUM_BLOCKS)
-
-
-@functools.lru_cache(maxsize=4)
-def _hf_model(path: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-
-
-def hf_logits(path: str, tokens: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return _hf_model(path)(torch.tensor([tokens])).logits[0].float()
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +30,6 @@ def model_path(tiny_model_factory, tmp_path_factory):
         return built[key]
 
     return get
-
-
-def prompt_of(length: int, seed: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(4, 1000, (length,), generator=gen).tolist()
 
 
 CASES = {
@@ -97,17 +71,4 @@ def test_sliding_window_and_llama3_rope_change_the_result(model_path) -> None:
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 8})],
                          ids=["llama", "mistral-window8"])
 def test_mixed_batch_equals_each_request_alone(model_path, arch: str, overrides: dict) -> None:
-    path = model_path(arch, **overrides)
-    prompts = [prompt_of(23, 10), prompt_of(9, 11), prompt_of(35, 12)]
-    runner = PagedRunner(path, 4)
-    a, b, c = (Seq(list(p)) for p in prompts)
-    step1 = runner.step([(a, 23), (c, 20)])
-    a.tokens.append(int(step1[0][-1].argmax()))
-    step2 = runner.step([(c, 15), (a, 1), (b, 9)])  # chunk after cached prefix, decode, full prefill
-    batched = {"a": torch.cat([step1[0], step2[1]]), "b": step2[2], "c": torch.cat([step1[1], step2[0]])}
-
-    alone_runner = PagedRunner(path, 4)
-    for name, seq in (("a", a), ("b", b), ("c", c)):
-        alone = alone_runner.step([(Seq(list(seq.tokens)), len(seq.tokens))])[0]
-        torch.testing.assert_close(batched[name], alone, atol=1e-5, rtol=0)
-        torch.testing.assert_close(batched[name], hf_logits(path, seq.tokens), atol=ATOL, rtol=0)
+    check_mixed_batch(model_path(arch, **overrides))

@@ -3,6 +3,7 @@ formats of transformers 4 and 5, architecture registry and the completeness chec
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,15 @@ from textgen.core.loader import (
 from textgen.core.layers.rotary import inv_freq_and_scaling, rope_parameters
 from textgen.core.models import ARCHITECTURES, resolve_model_class
 from textgen.testing.paged_model import cpu_backend
+
+# every native architecture, as the refusal lists them (sorted); README's table names the same
+NATIVE_ARCHITECTURES = sorted([
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+    "Gemma2ForCausalLM", "Phi3ForCausalLM", "GPTNeoXForCausalLM", "StableLmForCausalLM", "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Starcoder2ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM",
+    "PhiForCausalLM", "CohereForCausalLM", "GPT2LMHeadModel", "GPTBigCodeForCausalLM",
+    "BloomForCausalLM", "FalconForCausalLM", "Gemma3ForCausalLM",
+])
 
 
 def _load(path: str | Path, **kwargs: object):
@@ -174,12 +184,24 @@ def test_resolve_dtype_rules() -> None:
 def test_architecture_registry() -> None:
     llama = SimpleNamespace(architectures=["Qwen2ForCausalLM"])
     assert resolve_model_class(llama).__name__ == "LlamaForCausalLM"
-    assert set(ARCHITECTURES) >= {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+    assert sorted(ARCHITECTURES) == NATIVE_ARCHITECTURES
     extra = {"Qwen2ForCausalLM": "textgen.backends.cpu.attention:CPUPagedAttention"}  # any class path
     assert resolve_model_class(llama, extra) is CPUPagedAttention
     with pytest.raises(ValueError, match=r"not supported: FancyForCausalLM\. Supported architectures: "
-                                         r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+                                         + re.escape(", ".join(NATIVE_ARCHITECTURES)) + "$"):
         resolve_model_class(SimpleNamespace(architectures=["FancyForCausalLM"]))
+
+
+def test_unsupported_family_is_refused_at_startup_with_the_supported_list(tmp_path: Path) -> None:
+    """A real config.json of a family the native set lacks: load_model (the engine's startup)
+    refuses it by name and lists every supported architecture."""
+    from transformers import CTRLConfig
+
+    CTRLConfig(vocab_size=100, n_embd=32, n_layer=1, n_head=2, dff=64,
+               architectures=["CTRLLMHeadModel"]).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"^model architecture not supported: CTRLLMHeadModel\. Supported "
+                                         r"architectures: " + re.escape(", ".join(NATIVE_ARCHITECTURES)) + "$"):
+        _load(tmp_path, load_format="dummy")
 
 
 def test_missing_and_unexpected_tensors_are_named(tiny_llama: str, tmp_path: Path) -> None:
