@@ -14,6 +14,7 @@ from textgen.core.backend import Backend, BackendCandidate, MemoryInfo
 
 if TYPE_CHECKING:
     from textgen.core.config import EngineConfig
+    from textgen.core.graphs import GraphRunner
 
 
 def _xla_model() -> ModuleType:
@@ -63,6 +64,12 @@ class XLABackend(Backend):
         if memory is None:
             raise RuntimeError(f"{self.name}: torch_xla reports no device memory; set --num-kv-blocks")
         return memory
+
+    def graph_runner(self, config: EngineConfig) -> GraphRunner | None:
+        """Every step in a shape bucket: an XLA device compiles per shape."""
+        from textgen.backends.tpu.graphs import XLABuckets
+
+        return XLABuckets()
 
     def distributed_backend(self) -> str:
         import torch_xla.distributed.xla_backend  # noqa: F401  registers the "xla" process-group backend
