@@ -57,7 +57,7 @@ STATIC_PAGED = "textgen.backends.tpu.attention:StaticPagedAttention"
 OFFERED = {  # vendor kernels first; last a plain-torch kernel that runs wherever the device runs torch
     "cpu": ["torch_paged"],
     "cuda": ["flash_attn", "flashinfer", "torch_paged"],
-    "rocm": ["torch_paged"],
+    "rocm": ["aiter", "flash_attn_ck", "torch_paged"],
     "xpu": ["torch_paged"],
     "gaudi": ["torch_paged"],
     "tpu": ["ragged_paged_attention", "static_paged"],  # static shapes only: XLA compiles per shape
