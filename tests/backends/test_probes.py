@@ -58,7 +58,7 @@ OFFERED = {  # vendor kernels first; last a plain-torch kernel that runs whereve
     "cpu": ["torch_paged"],
     "cuda": ["flash_attn", "flashinfer", "torch_paged"],
     "rocm": ["aiter", "flash_attn_ck", "torch_paged"],
-    "xpu": ["torch_paged"],
+    "xpu": ["xpu_flash_attn", "torch_paged"],
     "gaudi": ["torch_paged"],
     "tpu": ["ragged_paged_attention", "static_paged"],  # static shapes only: XLA compiles per shape
     "inferentia": ["torch_paged"],
