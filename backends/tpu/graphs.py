@@ -31,14 +31,30 @@ def xla_sync() -> None:
         xm.mark_step()
 
 
+def compile_count() -> int:
+    """Programs torch_xla has compiled in this process (its CompileTime metric's samples)."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
 class XLABuckets(BucketedRunner):
+    """`step_compiles`: programs compiled while running a bucket's forward (the step's input
+    copies and the model up to its hidden states); after warm-up it must stay 0."""
+
     name: ClassVar[str] = "XLA programs per shape bucket"
+
+    def __init__(self) -> None:
+        self.step_compiles = 0
 
     def capture(self, batch_size: int, forward: StepForward,
                 example: tuple[torch.Tensor, torch.Tensor, ForwardContext]) -> StepForward:
         def run(input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+            before = compile_count()
             hidden = forward(input_ids, positions, ctx)
             xla_sync()
+            self.step_compiles += compile_count() - before
             return hidden
 
         run(*example)

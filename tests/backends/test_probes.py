@@ -59,9 +59,9 @@ OFFERED = {  # vendor kernels first; last a plain-torch kernel that runs whereve
     "cuda": ["flash_attn", "flashinfer", "torch_paged"],
     "rocm": ["aiter", "flash_attn_ck", "torch_paged"],
     "xpu": ["xpu_flash_attn", "torch_paged"],
-    "gaudi": ["torch_paged"],
+    "gaudi": ["static_paged"],
     "tpu": ["ragged_paged_attention", "static_paged"],  # static shapes only: XLA compiles per shape
-    "inferentia": ["torch_paged"],
+    "inferentia": ["static_paged"],
 }
 
 
