@@ -168,3 +168,38 @@ def test_a_prompt_over_the_length_limit_is_refused_with_the_reason(tiny_llama) -
     engine = _engine(tiny_llama, STATIC)
     (events,), _ = _run(engine, [list(range(1, 100))], 2)
     assert events[-1][2] == "the prompt has 99 tokens; the maximum is 95"
+
+
+class _GaudiRuleCPU(_BucketedCPU):
+    def graph_runner(self, config):
+        from textgen.backends.gaudi.graphs import HPUGraphBuckets
+
+        return HPUGraphBuckets()
+
+
+def test_gaudi_rule_wraps_the_model_once_and_ends_each_bucket_step(tiny_llama, eager, monkeypatch) -> None:
+    """habana_frameworks stand-in (documented semantics: `wrap_in_hpu_graph(module)` returns the
+    module replaying its forward; `mark_step()` ends the lazy graph): pins the rule's calls."""
+    import sys
+    from types import SimpleNamespace
+
+    calls = {"wrapped": [], "steps": 0}
+
+    def wrap(module, disable_tensor_cache):
+        calls["wrapped"].append(disable_tensor_cache)
+        return module
+
+    def mark_step():
+        calls["steps"] += 1
+
+    htorch = SimpleNamespace(hpu=SimpleNamespace(wrap_in_hpu_graph=wrap), core=SimpleNamespace(mark_step=mark_step))
+    monkeypatch.setitem(sys.modules, "habana_frameworks", SimpleNamespace(torch=htorch))
+    monkeypatch.setitem(sys.modules, "habana_frameworks.torch", htorch)
+    monkeypatch.setattr(sys.modules[__name__], "_BucketedCPU", _GaudiRuleCPU)
+    engine = _engine(tiny_llama, STATIC)
+    shapes = len(engine.runner.graphs.buckets.shapes())
+    assert calls == {"wrapped": [True], "steps": shapes}
+    ours, steps = _run(engine, PROMPTS[:2], 4)
+    want, _ = _run(eager, PROMPTS[:2], 4)
+    assert [[t for t, _, _ in r] for r in ours] == [[t for t, _, _ in r] for r in want]
+    assert calls["steps"] == shapes + steps
