@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from textgen.core.backend import Backend
     from textgen.core.config import EngineConfig
     from textgen.core.engine.model_runner import ModelRunner
+    from textgen.core.engine.step_inputs import StepBuffers
     from textgen.core.forward_context import ForwardContext, StepTensors
     from textgen.core.scheduler import ScheduledRequest
 
@@ -57,6 +58,11 @@ class GraphRunner(ABC):
                 ) -> StepForward:
         """Capture or compile `forward` for `batch_size` decode rows (runs it at least once)."""
 
+    def make_graphs(self, config: EngineConfig, batch_sizes: tuple[int, ...]) -> DecodeGraphs:
+        """The bucket set this rule runs (a compiling device's rule buckets prefill too:
+        `textgen.core.bucketing`)."""
+        return DecodeGraphs(self, batch_sizes, {})
+
     def describe(self) -> str:
         return self.name
 
@@ -78,6 +84,18 @@ class DecodeGraphs:
             return None
         return next(b for b in self.batch_sizes if b >= n)
 
+    def fill(self, buffers: StepBuffers, scheduled: Sequence[ScheduledRequest], bucket: int,
+             pad_slot: int) -> StepTensors:
+        """The step's inputs padded to `bucket` (the runner keeps the first num_tokens outputs)."""
+        return buffers.fill(scheduled, pad_to=bucket, pad_slot=pad_slot)
+
+    def buckets_largest_first(self) -> list[int]:
+        return sorted(self.batch_sizes, reverse=True)
+
+    def padded_limits(self) -> tuple[int, int]:
+        """The most tokens and requests a padded step has (the step buffers' sizes)."""
+        return max(self.batch_sizes), max(self.batch_sizes)
+
     def run(self, batch_size: int, step: StepTensors, ctx: ForwardContext) -> torch.Tensor:
         self.replays[batch_size] = self.replays.get(batch_size, 0) + 1
         return self.graphs[batch_size](step.input_ids, step.positions, ctx)
@@ -91,7 +109,7 @@ class DecodeGraphs:
 
         started = time.perf_counter()
         self.runner.prepare(model_runner.model)
-        for size in tqdm(sorted(self.batch_sizes, reverse=True), desc=f"graph mode ({self.runner.name})",
+        for size in tqdm(self.buckets_largest_first(), desc=f"graph mode ({self.runner.name})",
                          unit="batch size", leave=False):
             step = model_runner.padding_step(size)
             ctx = ForwardContext(model_runner.build_metadata(step), model_runner.kv_caches)
@@ -119,4 +137,4 @@ def decode_graphs(config: EngineConfig, backend: Backend, kernel_cls: type[Atten
     if runner.requires_capture_safe_kernel and not kernel_cls.supports_graph_capture:
         return None, (f"graph mode: off ({runner.name} need a capture-safe attention kernel; "
                       f"{kernel_cls.name} is not; every step eager)")
-    return DecodeGraphs(runner, kept, {}), ""
+    return runner.make_graphs(config, kept), ""

@@ -7,6 +7,7 @@ the AttentionBackend contract (query token j of request i sees context positions
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
@@ -43,7 +44,7 @@ def installed_version() -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts[:3] if p.isdigit())
 
 
-def _install_reasons(spec: AttentionSpec) -> list[str]:
+def install_reasons(spec: AttentionSpec) -> list[str]:
     version = installed_version()
     needed = ".".join(map(str, MIN_VERSION))
     if version is None:
@@ -56,7 +57,7 @@ def _install_reasons(spec: AttentionSpec) -> list[str]:
     return []
 
 
-def _spec_reasons(spec: AttentionSpec) -> list[str]:
+def spec_reasons(spec: AttentionSpec) -> list[str]:
     reasons = []
     if spec.dtype not in DTYPES:
         reasons.append(f"dtype {spec.dtype} is not supported (flash-attn computes in float16 or bfloat16)")
@@ -111,7 +112,7 @@ class FlashAttentionPaged(AttentionBackend):
 
     name = "flash_attn"
     block_size_multiple = PAGE_MULTIPLE  # "Paged KV cache block size must be divisible by 256"
-    supports_soft_cap = True  # from flash-attn 2.6.0 (checked in _install_reasons)
+    supports_soft_cap = True  # from flash-attn 2.6.0 (checked in install_reasons)
     supports_graph_capture = True
     metadata_builder_cls = FlashAttentionMetadataBuilder
 
@@ -130,7 +131,14 @@ class FlashAttentionPaged(AttentionBackend):
     def check(cls, spec: AttentionSpec) -> list[str]:
         """Every reason at once (capabilities, install, spec, device), so one message says all
         that must change."""
-        return super().check(spec) + _install_reasons(spec) + _spec_reasons(spec) + _device_reasons()
+        return super().check(spec) + install_reasons(spec) + spec_reasons(spec) + _device_reasons()
+
+    @staticmethod
+    def varlen_func() -> Callable[..., torch.Tensor]:
+        """The vendor's flash_attn_varlen_func (ROCm's kernels subclass with their own)."""
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func
 
     def forward(
         self,
@@ -140,11 +148,9 @@ class FlashAttentionPaged(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: FlashAttentionMetadata,
     ) -> torch.Tensor:
-        from flash_attn import flash_attn_varlen_func
-
         write_kv(kv_cache, k, v, meta.slot_mapping)
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        out = flash_attn_varlen_func(
+        out = self.varlen_func()(
             q,
             key_cache,
             value_cache,

@@ -24,6 +24,8 @@ BACKEND_CLASS = "textgen.backends.cuda.backend:CUDABackend"
 DRIVER_NODE = "/dev/nvidiactl"
 WSL_DRIVER_NODE = "/dev/dxg"  # WSL2 exposes the NVIDIA driver through DirectX instead
 FLASH_ATTN = AttentionBackendInfo("flash_attn", "textgen.backends.cuda.attention:FlashAttentionPaged", 10)
+# any block size: serves when flash-attn is missing or the block size is not a multiple of 256
+FLASHINFER = AttentionBackendInfo("flashinfer", "textgen.backends.cuda.flashinfer:FlashInferPaged", 5)
 
 
 _candidate = BackendIdentity("cuda", PRIORITY, BACKEND_CLASS).candidate
@@ -99,7 +101,7 @@ def textgen_configure(config: EngineConfig, backend: Backend) -> list[str] | Non
 
 @hookimpl
 def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
-    return [FLASH_ATTN, TORCH_PAGED]
+    return [FLASH_ATTN, FLASHINFER, TORCH_PAGED]
 
 
 @hookimpl

@@ -14,6 +14,7 @@ from textgen.core.backend import Backend, BackendCandidate, MemoryInfo
 
 if TYPE_CHECKING:
     from textgen.core.config import EngineConfig
+    from textgen.core.graphs import GraphRunner
 
 FP16_DEVICE_TYPES = ("GAUDI2", "GAUDI3")  # first-generation Gaudi computes in bf16/fp32 only
 
@@ -50,6 +51,12 @@ class GaudiBackend(Backend):
             return MemoryInfo(total_bytes=total, available_bytes=free)
         stats = self._hpu.memory_stats()  # bytes: "Limit" is what the runtime may hand out
         return MemoryInfo(total_bytes=stats["Limit"], available_bytes=stats["Limit"] - stats["InUse"])
+
+    def graph_runner(self, config: EngineConfig) -> GraphRunner | None:
+        """Every step in a shape bucket, each bucket an HPU graph."""
+        from textgen.backends.gaudi.graphs import HPUGraphBuckets
+
+        return HPUGraphBuckets()
 
     def distributed_backend(self) -> str:
         import habana_frameworks.torch.distributed.hccl  # noqa: F401  registers the hccl backend

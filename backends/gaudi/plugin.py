@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import TORCH_PAGED, AttentionBackendInfo
+from textgen.backends.tpu.plugin import STATIC_PAGED
+from textgen.core.registry import AttentionBackendInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -71,4 +72,6 @@ def textgen_probe_backend(config: EngineConfig | None) -> BackendCandidate:
 
 @hookimpl
 def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
-    return [TORCH_PAGED]
+    """The static-shape kernel: under shape bucketing it traces to one program per bucket (the
+    portable kernel's shapes follow each step's lengths: a recompile per step)."""
+    return [STATIC_PAGED]

@@ -24,6 +24,11 @@ BACKEND_CLASS = "textgen.backends.rocm.backend:ROCmBackend"
 DRIVER_NODE = "/dev/kfd"
 
 
+# AMD's kernels first, torch's portable kernel when neither is installed (or the block size is
+# not a multiple of 128).
+AITER = AttentionBackendInfo("aiter", "textgen.backends.rocm.attention:AiterPaged", 12)
+FLASH_ATTN_CK = AttentionBackendInfo("flash_attn_ck", "textgen.backends.rocm.attention:CKFlashAttentionPaged", 10)
+
 _candidate = BackendIdentity("rocm", PRIORITY, BACKEND_CLASS).candidate
 
 
@@ -84,4 +89,4 @@ def textgen_configure(config: EngineConfig, backend: Backend) -> list[str] | Non
 
 @hookimpl
 def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
-    return [TORCH_PAGED]
+    return [AITER, FLASH_ATTN_CK, TORCH_PAGED]

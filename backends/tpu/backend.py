@@ -13,7 +13,10 @@ import torch
 from textgen.core.backend import Backend, BackendCandidate, MemoryInfo
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from textgen.core.config import EngineConfig
+    from textgen.core.graphs import GraphRunner
 
 
 def _xla_model() -> ModuleType:
@@ -63,6 +66,18 @@ class XLABackend(Backend):
         if memory is None:
             raise RuntimeError(f"{self.name}: torch_xla reports no device memory; set --num-kv-blocks")
         return memory
+
+    def inference_mode(self) -> AbstractContextManager[object]:
+        """no_grad: torch_xla's lazy tensors cannot be views of tensors made outside
+        inference_mode ("Cannot set version_counter for inference tensor"), and the step buffers
+        are made at startup."""
+        return torch.no_grad()
+
+    def graph_runner(self, config: EngineConfig) -> GraphRunner | None:
+        """Every step in a shape bucket: an XLA device compiles per shape."""
+        from textgen.backends.tpu.graphs import XLABuckets
+
+        return XLABuckets()
 
     def distributed_backend(self) -> str:
         import torch_xla.distributed.xla_backend  # noqa: F401  registers the "xla" process-group backend

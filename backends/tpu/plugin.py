@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import TORCH_PAGED, AttentionBackendInfo
+from textgen.core.registry import AttentionBackendInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -23,6 +23,11 @@ PRIORITY = 90
 BACKEND_CLASS = "textgen.backends.tpu.backend:TPUBackend"
 DEVICE_NODES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
 
+
+# Static-shape kernels only: the portable kernel's shapes follow each step's lengths (a recompile
+# per step on XLA). The Pallas kernel runs on TPU; the static one on any XLA device.
+RAGGED_PAGED = AttentionBackendInfo("ragged_paged_attention", "textgen.backends.tpu.attention:RaggedPagedAttention", 10)
+STATIC_PAGED = AttentionBackendInfo("static_paged", "textgen.backends.tpu.attention:StaticPagedAttention", 5)
 
 _candidate = BackendIdentity("tpu", PRIORITY, BACKEND_CLASS).candidate
 
@@ -51,4 +56,4 @@ def textgen_probe_backend(config: EngineConfig | None) -> BackendCandidate:
 
 @hookimpl
 def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
-    return [TORCH_PAGED]
+    return [RAGGED_PAGED, STATIC_PAGED]

@@ -19,6 +19,9 @@ from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
 from textgen.core.registry import TORCH_PAGED, AttentionBackendInfo
 
+# vllm-xpu-kernels where installed; the portable kernel (SDPA on stock torch's XPU) otherwise
+XPU_FLASH_ATTN = AttentionBackendInfo("xpu_flash_attn", "textgen.backends.xpu.attention:XPUFlashAttentionPaged", 10)
+
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
     from textgen.core.config import EngineConfig
@@ -78,4 +81,4 @@ def textgen_probe_backend(config: EngineConfig | None) -> BackendCandidate:
 
 @hookimpl
 def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
-    return [TORCH_PAGED]
+    return [XPU_FLASH_ATTN, TORCH_PAGED]

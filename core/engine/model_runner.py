@@ -146,9 +146,9 @@ class ModelRunner:
         if graphs is not None:
             bucket = graphs.bucket_for(scheduled)
             if bucket is not None:
-                step = self._buffers.fill(scheduled, pad_to=bucket, pad_slot=self.pad_slot)
+                step = graphs.fill(self._buffers, scheduled, bucket, self.pad_slot)
                 ctx = ForwardContext(self._builder.build(step), self.kv_caches)
-                return graphs.run(bucket, step, ctx)[: len(scheduled)]
+                return graphs.run(bucket, step, ctx)[: sum(s.num_new_tokens for s in scheduled)]
         return self._forward(self._buffers.fill(scheduled))
 
     def _forward(self, step: StepTensors) -> torch.Tensor:
@@ -158,9 +158,9 @@ class ModelRunner:
     def build_metadata(self, step: StepTensors) -> Any:
         return self._builder.build(step)
 
-    def padding_step(self, batch_size: int) -> StepTensors:
-        """A decode step of `batch_size` padding rows only (graph warm-up)."""
-        return self._buffers.fill([], pad_to=batch_size, pad_slot=self.pad_slot)
+    def padding_step(self, bucket: Any) -> StepTensors:
+        """A step of `bucket`'s shape made of padding rows only (graph warm-up)."""
+        return self.graphs.fill(self._buffers, [], bucket, self.pad_slot)
 
     def _sample(self, out: SchedulerOutput, hidden: torch.Tensor, starts: np.ndarray,
                 rows: dict[str, RowSampling], allowed: torch.Tensor | None) -> dict[str, SampledToken]:

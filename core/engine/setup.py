@@ -67,9 +67,9 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
 
 def step_limits(config: EngineConfig, graphs: DecodeGraphs | None) -> StepLimits:
     """The largest step the budgets allow (graph buckets pad decode batches up to their size)."""
-    padded = max(graphs.batch_sizes) if graphs is not None else 0
-    requests = max(min(config.max_batch_size, config.max_batch_prefill_tokens), padded)
-    tokens = max(config.max_batch_prefill_tokens, padded)
+    padded_tokens, padded_requests = graphs.padded_limits() if graphs is not None else (0, 0)
+    requests = max(min(config.max_batch_size, config.max_batch_prefill_tokens), padded_requests)
+    tokens = max(config.max_batch_prefill_tokens, padded_tokens)
     return StepLimits(tokens, requests, -(-config.max_total_tokens // config.block_size), config.block_size)
 
 

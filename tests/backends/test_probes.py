@@ -53,12 +53,25 @@ def test_backend_class_path_names_a_concrete_backend(name: str) -> None:
     assert cls.name == name
 
 
+STATIC_PAGED = "textgen.backends.tpu.attention:StaticPagedAttention"
+OFFERED = {  # vendor kernels first; last a plain-torch kernel that runs wherever the device runs torch
+    "cpu": ["torch_paged"],
+    "cuda": ["flash_attn", "flashinfer", "torch_paged"],
+    "rocm": ["aiter", "flash_attn_ck", "torch_paged"],
+    "xpu": ["xpu_flash_attn", "torch_paged"],
+    "gaudi": ["static_paged"],
+    "tpu": ["ragged_paged_attention", "static_paged"],  # static shapes only: XLA compiles per shape
+    "inferentia": ["static_paged"],
+}
+
+
 @pytest.mark.parametrize("name", sorted(PLUGINS))
-def test_every_backend_offers_the_portable_kernel(name: str) -> None:
+def test_every_backend_offers_a_plain_torch_kernel_last(name: str) -> None:
     infos = PLUGINS[name].textgen_attention_backends(backend=None)
-    assert (infos[-1].name, infos[-1].class_path, infos[-1].priority) == ("torch_paged", TORCH_PAGED, 0)
-    expected = ["flash_attn", "torch_paged"] if name == "cuda" else ["torch_paged"]
-    assert [i.name for i in infos] == expected
+    assert [i.name for i in infos] == OFFERED[name]
+    assert (infos[-1].class_path, infos[-1].priority) in ((TORCH_PAGED, 0), (STATIC_PAGED, 5))
+    for info in infos:
+        assert load_class(info.class_path).name == info.name
 
 
 def test_cuda_probe_steps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
