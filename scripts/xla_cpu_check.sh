@@ -12,4 +12,5 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch_xla" 2>/
   "$venv/bin/pip" install -q -e "$root" torch==2.9.0
 fi
 cd "$root"
+PJRT_DEVICE=CPU "$venv/bin/python" scripts/xla_ragged_contract.py
 PJRT_DEVICE=CPU exec "$venv/bin/python" scripts/xla_cpu_check.py

@@ -40,8 +40,9 @@ def compile_count() -> int:
 
 
 class XLABuckets(BucketedRunner):
-    """`step_compiles`: programs compiled while running a bucket's forward (the step's input
-    copies and the model up to its hidden states); after warm-up it must stay 0."""
+    """`step_compiles`: programs compiled while running a bucket's forward (the model up to its
+    hidden states, after the pending work of earlier steps is flushed); after warm-up it must
+    stay 0."""
 
     name: ClassVar[str] = "XLA programs per shape bucket"
 
@@ -51,6 +52,7 @@ class XLABuckets(BucketedRunner):
     def capture(self, batch_size: int, forward: StepForward,
                 example: tuple[torch.Tensor, torch.Tensor, ForwardContext]) -> StepForward:
         def run(input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+            xla_sync()  # pending work of earlier steps (sampler, input copies) is not this bucket's program
             before = compile_count()
             hidden = forward(input_ids, positions, ctx)
             xla_sync()
