@@ -67,7 +67,7 @@ def llama_cpp_spec(python: Path, gguf: Path, port: int, n_ctx: int, threads: int
 def llama_cpp_problem(python: Path, converter_dir: Path) -> str | None:
     """Why llama.cpp cannot be measured here, or None."""
     if not python.is_file():
-        return f"no python with llama-cpp-python at {python} (build: see benchmarks/RESULTS.md)"
+        return f"no python with llama-cpp-python at {python} (build it: benchmarks/setup_peers.sh llama-cpp-python)"
     probe = subprocess.run([str(python), "-c", "import llama_cpp.server.app"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"llama_cpp.server does not import with {python}: {probe.stderr.strip().splitlines()[-1:]}"
