@@ -90,10 +90,22 @@ def _tokens_in(protocol: str, data: bytes) -> int:
     return 1 if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None) else 0
 
 
+async def _post(session: Any, url: str, body: dict[str, Any]) -> Any:
+    """POST; once more on a fresh connection when a pooled keep-alive connection turns out closed
+    by the server before the request got through (llama-server closes idle ones after 5 s). The
+    time of the failed attempt stays in the request's TTFT."""
+    import aiohttp
+
+    try:
+        return await session.post(url, json=body)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        return await session.post(url, json=body)
+
+
 async def _one(session: Any, base_url: str, protocol: str, spec: RequestSpec, result: RequestResult) -> None:
     path, body = _payload(protocol, spec)
     last = result.sent
-    async with session.post(base_url + path, json=body) as resp:
+    async with await _post(session, base_url + path, body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
         async for line in resp.content:

@@ -38,15 +38,7 @@ fetch_sdist() {  # fetch_sdist NAME VERSION DIR -> unpacked source folder on std
     local name="$1" version="$2" dir="$3" file
     file="$(echo "$name" | tr - _)-$version"
     if [ ! -d "$dir/$file" ]; then
-        # the sdist file itself (pip download would also set up its build dependencies to read metadata)
-        "$PY" - "$name" "$version" "$dir" <<'EOF' >&2
-import json, sys, urllib.request
-name, version, out = sys.argv[1:]
-meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{name}/{version}/json", timeout=60))
-sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
-urllib.request.urlretrieve(sdist["url"], f"{out}/{sdist['filename']}")
-print("fetched", sdist["filename"], sdist["digests"]["sha256"])
-EOF
+        "$PY" -m pip download -q --no-deps --no-binary :all: "$name==$version" -d "$dir" >&2
         tar xzf "$dir/$file.tar.gz" -C "$dir"
     fi
     echo "$dir/$file"
