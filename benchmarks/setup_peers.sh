@@ -38,7 +38,7 @@ fetch_sdist() {  # fetch_sdist NAME VERSION DIR -> unpacked source folder on std
     local name="$1" version="$2" dir="$3" file
     file="$(echo "$name" | tr - _)-$version"
     if [ ! -d "$dir/$file" ]; then
-        "$PY" -m pip download -q --no-deps --no-binary :all: "$name==$version" -d "$dir" >&2
+        "$PY" -m pip download -q --no-deps --no-binary "$name" "$name==$version" -d "$dir" >&2
         tar xzf "$dir/$file.tar.gz" -C "$dir"
     fi
     echo "$dir/$file"
