@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from textgen.core.engine.step_inputs import ZeroTokenRow
 from textgen.core.graphs import DecodeGraphs, GraphRunner, StepForward
 
 if TYPE_CHECKING:
@@ -119,21 +120,6 @@ class ShapeBuckets:
 
 
 @dataclass(slots=True)
-class PaddingRow:
-    """A padding row of a prefill shape: `num_new_tokens` zero tokens at positions 0.. whose
-    block table is the scratch block everywhere (the fields of a ScheduledRequest that
-    StepBuffers reads)."""
-
-    num_new_tokens: int
-    block_ids: list[int]
-    num_computed_tokens: int = 0
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [0] * self.num_new_tokens
-
-
-@dataclass(slots=True)
 class BucketedGraphs(DecodeGraphs):
     """DecodeGraphs whose buckets are `StepShape`s covering every step (prefill included)."""
 
@@ -159,13 +145,13 @@ class BucketedGraphs(DecodeGraphs):
         return step
 
     def padding(self, num_tokens: int, num_rows: int, bucket: StepShape, scratch_block: int,
-                width: int) -> list[PaddingRow]:
+                width: int) -> list[ZeroTokenRow]:
         """The padding rows that bring the step to `bucket`: the padding tokens first, at most
         `row_capacity` a row, then rows without tokens."""
         left, rows = bucket.tokens - num_tokens, []
         for _ in range(bucket.requests - num_rows):
             take = min(left, self.buckets.row_capacity)
-            rows.append(PaddingRow(take, [scratch_block] * width))
+            rows.append(ZeroTokenRow(take, [scratch_block] * width))
             left -= take
         return rows
 

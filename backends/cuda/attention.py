@@ -66,13 +66,19 @@ def spec_reasons(spec: AttentionSpec) -> list[str]:
     return reasons
 
 
-def _device_reasons() -> list[str]:
+def capability_reasons(minimum: tuple[int, int], kernel: str) -> list[str]:
+    """Why the visible GPU cannot run `kernel` (none visible, or below `minimum`)."""
     if torch.version.cuda is None or torch.cuda.device_count() == 0:
         return ["no CUDA device is visible to torch"]
     capability = torch.cuda.get_device_capability()
-    if capability < MIN_CAPABILITY:
-        return [f"flash-attn 2 needs compute capability >= 8.0 (this GPU is {capability[0]}.{capability[1]})"]
+    if capability < minimum:
+        return [f"{kernel} needs compute capability >= {minimum[0]}.{minimum[1]} "
+                f"(this GPU is {capability[0]}.{capability[1]})"]
     return []
+
+
+def _device_reasons() -> list[str]:
+    return capability_reasons(MIN_CAPABILITY, "flash-attn 2")
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from textgen.backends.cuda.attention import capability_reasons
 from textgen.core.attention import AttentionBackend, AttentionMetadataBuilder, AttentionSpec, StepLimits
 from textgen.core.forward_context import AttentionMetadata
 from textgen.core.layers.paged_attention import FP8_DTYPES, write_kv
@@ -67,12 +68,7 @@ def _spec_reasons(spec: AttentionSpec) -> list[str]:
 
 
 def _device_reasons() -> list[str]:
-    if torch.version.cuda is None or torch.cuda.device_count() == 0:
-        return ["no CUDA device is visible to torch"]
-    capability = torch.cuda.get_device_capability()
-    if capability < MIN_CAPABILITY:
-        return [f"FlashInfer needs compute capability >= 7.5 (this GPU is {capability[0]}.{capability[1]})"]
-    return []
+    return capability_reasons(MIN_CAPABILITY, "FlashInfer")
 
 
 PlanKey = tuple[int, float | None]  # (window_left, logits_soft_cap) of a layer

@@ -17,7 +17,7 @@ import torch
 
 from textgen.core.attention import StepLimits
 from textgen.core.attention_selection import KernelChoice, negotiate
-from textgen.core.engine.step_inputs import StepBuffers
+from textgen.core.engine.step_inputs import StepBuffers, ZeroTokenRow
 from textgen.core.forward_context import ForwardContext, StepTensors
 from textgen.core.loader.dtype import resolve_kv_cache_dtype
 from textgen.core.registry import AttentionBackendInfo
@@ -107,7 +107,7 @@ class ModelRunner:
         self.prepare(StepLimits(num_tokens, max(len(lengths), num_sampled), max(blocks), self.block_size))
         scheduled, first = [], 0
         for n, nb in zip(lengths, blocks):
-            scheduled.append(_ProfileRow(n, list(range(first, first + nb))))
+            scheduled.append(ZeroTokenRow(n, list(range(first, first + nb))))
             first += nb
         with self.backend.inference_mode():
             hidden = self._forward(self._buffers.fill(scheduled))
@@ -209,20 +209,6 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[lo: lo + n])
             result[r.request_id] = compute_prompt_logprobs(logits, ids).tolist()
         return result
-
-
-@dataclass(slots=True)
-class _ProfileRow:
-    """A prompt of `num_new_tokens` tokens (all id 0) for the profile run: the fields of a
-    ScheduledRequest that StepBuffers reads."""
-
-    num_new_tokens: int
-    block_ids: list[int]
-    num_computed_tokens: int = 0
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [0] * self.num_new_tokens
 
 
 def bind_attention(model: Any, infos: list[AttentionBackendInfo], config: EngineConfig) -> KernelChoice:

@@ -14,6 +14,7 @@ width (`max_blocks_per_request`), so its every tensor has the same shape and sto
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +25,21 @@ from textgen.core.forward_context import StepTensors
 if TYPE_CHECKING:
     from textgen.core.attention import StepLimits
     from textgen.core.scheduler import ScheduledRequest
+
+
+@dataclass(slots=True)
+class ZeroTokenRow:
+    """A row of `num_new_tokens` token-0 prompt tokens from position 0 (the fields of a
+    ScheduledRequest that `fill` reads): the profile run's prompts, and the padding rows of a
+    compiling device's prefill shapes (whose block table is the scratch block everywhere)."""
+
+    num_new_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [0] * self.num_new_tokens
 
 
 class StepBuffers:
