@@ -76,3 +76,9 @@ def test_broken_kernel_fails_with_a_readable_report() -> None:
     assert " > 0.0001 at token row " in gqa  # tolerance and where, so a vendor can look
     assert any(line.startswith("  FAIL  logits: ") for line in lines)
     assert lines[-1].endswith("failed") and not lines[-1].endswith(" 0 failed")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA backend's GPU tests)")
+def test_cuda_backend_passes() -> None:
+    report = run_conformance("cuda")
+    assert report.passed, report.render()
