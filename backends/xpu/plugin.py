@@ -37,8 +37,10 @@ _candidate = BackendIdentity("xpu", PRIORITY, BACKEND_CLASS).candidate
 
 
 def _ipex_note() -> str:
+    """What to install: textgen runs on stock torch's XPU build; a leftover IPEX on another build
+    is named, since it is the usual sign of that mix-up."""
     if find_spec(IPEX) is None:
-        return f"{IPEX} is not installed"
+        return "install PyTorch's XPU build"
     return f"{IPEX} {metadata.version(IPEX)} is installed but needs torch's XPU build"
 
 

@@ -11,7 +11,7 @@ VERSION = torch.__version__
 UNAVAILABLE_REASONS = {
     "cuda": f"torch {VERSION} was built without CUDA",
     "rocm": f"torch {VERSION} was built without ROCm",
-    "xpu": f"torch {VERSION} was built without XPU support (intel_extension_for_pytorch is not installed)",
+    "xpu": f"torch {VERSION} was built without XPU support (install PyTorch's XPU build)",
     "gaudi": (
         "habana_frameworks is not installed (install Intel Gaudi's PyTorch bridge, then pip install 'textgen[gaudi]')"
     ),
