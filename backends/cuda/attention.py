@@ -8,6 +8,7 @@ the AttentionBackend contract (query token j of request i sees context positions
 from __future__ import annotations
 
 from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
@@ -30,18 +31,20 @@ MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere, Ada and Hopper
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-def installed_version() -> tuple[int, ...] | None:
-    """flash-attn's version as ints ("2.6.3.post1" -> (2, 6, 3)), None when not installed."""
-    if find_spec("flash_attn") is None:
+def package_version(module: str, distribution: str) -> tuple[int, ...] | None:
+    """An installed kernel package's version as ints ("2.6.3.post1" -> (2, 6, 3)), None when
+    `module` is not importable; a build installed without distribution metadata is asked itself."""
+    if find_spec(module) is None:
         return None
     try:
-        version = metadata.version("flash-attn")
-    except metadata.PackageNotFoundError:  # a build installed without distribution metadata
-        import flash_attn
+        version = metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        version = importlib.import_module(module).__version__
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
 
-        version = flash_attn.__version__
-    parts = version.split("+")[0].split(".")
-    return tuple(int(p) for p in parts[:3] if p.isdigit())
+
+def installed_version() -> tuple[int, ...] | None:
+    return package_version("flash_attn", "flash-attn")
 
 
 def install_reasons(spec: AttentionSpec) -> list[str]:

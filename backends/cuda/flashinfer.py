@@ -15,13 +15,11 @@ batch size on fixed buffers (use_cuda_graph=True), so graph mode is off with thi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import metadata
-from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from textgen.backends.cuda.attention import capability_reasons
+from textgen.backends.cuda.attention import capability_reasons, package_version
 from textgen.core.attention import AttentionBackend, AttentionMetadataBuilder, AttentionSpec, StepLimits
 from textgen.core.forward_context import AttentionMetadata
 from textgen.core.layers.paged_attention import FP8_DTYPES, write_kv
@@ -37,16 +35,7 @@ MIN_CAPABILITY = (7, 5)  # FlashInfer's kernels run from Turing on
 
 
 def installed_version() -> tuple[int, ...] | None:
-    """flashinfer-python's version as ints, None when not installed."""
-    if find_spec("flashinfer") is None:
-        return None
-    try:
-        version = metadata.version("flashinfer-python")
-    except metadata.PackageNotFoundError:
-        import flashinfer
-
-        version = flashinfer.__version__
-    return tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
+    return package_version("flashinfer", "flashinfer-python")
 
 
 def _install_reasons() -> list[str]:
