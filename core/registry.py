@@ -33,6 +33,8 @@ class QuantizerInfo:
 
 # The portable paged-attention kernel, which any backend whose device runs plain torch can offer.
 TORCH_PAGED = AttentionBackendInfo("torch_paged", "textgen.core.layers.paged_attention:TorchPagedAttention", 0)
+# Its static-shape sibling, for devices that compile every shape (XLA, HPU, Neuron; see core.bucketing).
+STATIC_PAGED = AttentionBackendInfo("static_paged", "textgen.core.layers.static_paged_attention:StaticPagedAttention", 5)
 
 
 def load_class(class_path: str) -> Any:

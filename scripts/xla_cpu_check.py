@@ -22,7 +22,7 @@ import torch_xla.debug.metrics as met  # noqa: E402
 
 from textgen.backends.tpu.backend import XLABackend  # noqa: E402
 from textgen.backends.tpu.graphs import compile_count  # noqa: E402
-from textgen.backends.tpu.plugin import STATIC_PAGED  # noqa: E402
+from textgen.core.registry import STATIC_PAGED  # noqa: E402
 from textgen.core.backend import BackendCandidate, MemoryInfo  # noqa: E402
 from textgen.core.config import EngineConfig  # noqa: E402
 from textgen.core.engine.engine_core import EngineCore  # noqa: E402

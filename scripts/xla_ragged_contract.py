@@ -13,7 +13,8 @@ import torch
 import torch_xla
 import torch_xla.experimental.custom_kernel  # noqa: F401  registers torch.ops.xla.ragged_paged_attention
 
-from textgen.backends.tpu.attention import RaggedPagedAttention, StaticPagedAttention
+from textgen.backends.tpu.attention import RaggedPagedAttention
+from textgen.core.layers.static_paged_attention import StaticPagedAttention
 from textgen.core.attention import AttentionSpec
 from textgen.testing.steps import StepRow, fill_step, kernel_metadata
 

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 
 from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.backends.tpu.plugin import STATIC_PAGED
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import STATIC_PAGED, AttentionBackendInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend

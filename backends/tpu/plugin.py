@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from textgen.core.backend import BackendCandidate, BackendIdentity
 from textgen.core.hookspecs import hookimpl
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import STATIC_PAGED, AttentionBackendInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -27,7 +27,6 @@ DEVICE_NODES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
 # Static-shape kernels only: the portable kernel's shapes follow each step's lengths (a recompile
 # per step on XLA). The Pallas kernel runs on TPU; the static one on any XLA device.
 RAGGED_PAGED = AttentionBackendInfo("ragged_paged_attention", "textgen.backends.tpu.attention:RaggedPagedAttention", 10)
-STATIC_PAGED = AttentionBackendInfo("static_paged", "textgen.backends.tpu.attention:StaticPagedAttention", 5)
 
 _candidate = BackendIdentity("tpu", PRIORITY, BACKEND_CLASS).candidate
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from textgen.backends.cpu.backend import CPUBackend
-from textgen.backends.tpu.attention import StaticPagedAttention
+from textgen.core.layers.static_paged_attention import StaticPagedAttention
 from textgen.core.attention import AttentionSpec
 from textgen.core.backend import BackendCandidate
 from textgen.core.bucketing import BucketedGraphs, EagerBuckets, ShapeBuckets, StepShape
@@ -20,11 +20,11 @@ from textgen.core.engine.types import EngineRequest
 from textgen.core.hookspecs import hookimpl
 from textgen.core.layers.paged_attention import TorchPagedAttention
 from textgen.core.plugins import PluginManager
-from textgen.core.registry import AttentionBackendInfo
+from textgen.core.registry import STATIC_PAGED, AttentionBackendInfo
 from textgen.core.sampling_params import SamplingParams
 from textgen.testing.steps import StepRow, fill_step, kernel_metadata
 
-STATIC = AttentionBackendInfo("static_paged", "textgen.backends.tpu.attention:StaticPagedAttention", 5)
+STATIC = STATIC_PAGED
 
 
 def _buckets(**budgets) -> ShapeBuckets:

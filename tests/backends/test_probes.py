@@ -53,7 +53,7 @@ def test_backend_class_path_names_a_concrete_backend(name: str) -> None:
     assert cls.name == name
 
 
-STATIC_PAGED = "textgen.backends.tpu.attention:StaticPagedAttention"
+STATIC_PAGED = "textgen.core.layers.static_paged_attention:StaticPagedAttention"
 OFFERED = {  # vendor kernels first; last a plain-torch kernel that runs wherever the device runs torch
     "cpu": ["torch_paged"],
     "cuda": ["flash_attn", "flashinfer", "torch_paged"],
