@@ -23,6 +23,8 @@ class EngineConfig:
     attention_backend: str | None = None  # forced attention kernel name
     num_shard: int = 1
     seed: int = 0
+    speculate: int = 0  # TGI's --speculate: draft tokens verified per step (0 = off); see core/spec_decode
+    speculative_model: str | None = None  # draft model (same tokenizer); None with speculate > 0 = n-gram lookup
 
     block_size: int | None = None  # None: the chosen attention kernel's preferred size (negotiated)
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8_e4m3fn | fp8_e5m2

@@ -40,6 +40,7 @@ class EngineCore:
         self._grammar: Any = None
         self.last_step_tokens = 0
         self.step_observers: list[Callable[[StepRecord], None]] = []  # called on the engine thread
+        self.spec = parts.spec_decoder  # SpecDecoder | None (speculative decoding)
 
     # -- requests in ----------------------------------------------------------------------
 
@@ -122,6 +123,8 @@ class EngineCore:
         """Run one engine step; return False when there was nothing to run."""
         self._admit_compiled_grammars()
         started = time.perf_counter()
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running, self.states)
         out = self.scheduler.schedule()
         if not out.scheduled:
             return False
@@ -139,9 +142,10 @@ class EngineCore:
         if kept.scheduled:
             update_s, emit_s = self._process(kept, result)
         if self.step_observers:
+            skipped = tuple(len(t.accepted) for t in result.sampled.values()) if self.spec is not None else ()
             self._observe(StepRecord(
                 method, len(out.scheduled), out.num_scheduled_tokens, concatenated,
-                scheduled - started, executed - scheduled, update_s, emit_s, failed))
+                scheduled - started, executed - scheduled, update_s, emit_s, failed, skipped))
         return True
 
     def _observe(self, record: StepRecord) -> None:
@@ -194,10 +198,13 @@ class EngineCore:
         rows, grammar_states = {}, []
         for s in out.scheduled:
             st = self.states[s.request.request_id]
-            rows[st.request_id] = RowSampling(st.request.params, st.generator)
+            probs = self.spec.draft_probs(st.request_id) if s.spec_token_ids else None
+            rows[st.request_id] = RowSampling(st.request.params, st.generator, probs)
             if s.sample:
                 grammar_states.append(st.grammar_state)
         mask = self.grammar.fill_bitmask(grammar_states, device=self.backend.device) if any(g is not None for g in grammar_states) else None
+        if mask is not None and any(s.spec_token_ids for s in out.scheduled):
+            mask = self.spec.allowed_mask(out, self.states, self.grammar)  # one row per verified position
         wanted = {rid for rid in rows if self.states[rid].request.params.prompt_logprobs}
         return self.runner.execute(out, rows, wanted, mask)
 
@@ -210,10 +217,10 @@ class EngineCore:
             # prompt recomputed after preemption overwrites its entries instead of appending them again
             del self.states[rid].prompt_logprobs[starts[rid]:]
             self.states[rid].prompt_logprobs.extend(lps)
-        sampled = {rid: tok.token_id for rid, tok in result.sampled.items()}
-        for rid, tok in result.sampled.items():
+        sampled = {rid: [*(a.token_id for a in tok.accepted), tok.token_id] for rid, tok in result.sampled.items()}
+        for rid, tokens in list(sampled.items()):
             st = self.states[rid]
-            if st.grammar_state is not None and not self.grammar.advance(st.grammar_state, tok.token_id):
+            if st.grammar_state is not None and not all(self.grammar.advance(st.grammar_state, t) for t in tokens):
                 sampled.pop(rid)
                 self._fail(st, "the sampled token was rejected by the grammar")
         kept = [s for s in out.scheduled if s.request.request_id in self.states]
@@ -229,9 +236,11 @@ class EngineCore:
             return
         req = self.scheduler.get_request(update.request_id)
         cached = req.num_cached_tokens if req is not None else 0
-        for token_id in update.new_token_ids:
-            event, stop = self.events.token_event(st, result.sampled[update.request_id], cached)
-            reason = update.finish_reason if update.finished else None
+        last = result.sampled[update.request_id]
+        tokens = [*last.accepted, last]  # accepted drafts first (speculative decoding), then the new token
+        for i, token_id in enumerate(update.new_token_ids):
+            event, stop = self.events.token_event(st, tokens[i], cached)
+            reason = update.finish_reason if update.finished and i == len(update.new_token_ids) - 1 else None
             if stop is not None:
                 reason = "stop_sequence"
             elif reason is None and st.grammar_state is not None and st.grammar_state.is_terminated:
@@ -241,6 +250,8 @@ class EngineCore:
                 self.states.pop(update.request_id, None)
                 if not update.finished:
                     self.scheduler.finish_requests([update.request_id], reason)
+                st.emit(event)
+                return
             st.emit(event)
 
     # -- introspection --------------------------------------------------------------------

@@ -34,6 +34,7 @@ class SampledToken:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    accepted: list[SampledToken] = field(default_factory=list)  # draft tokens accepted before this one
 
 
 @dataclass(slots=True)
@@ -48,6 +49,7 @@ class RowSampling:
 
     params: Any  # SamplingParams
     generator: torch.Generator | None
+    draft_probs: torch.Tensor | None = None  # [k, V]: what the drafts were sampled from; None = point masses
 
 
 class ModelRunner:
@@ -167,6 +169,10 @@ class ModelRunner:
         picked = [(i, s) for i, s in enumerate(out.scheduled) if s.sample]
         if not picked:
             return {}
+        if any(s.spec_token_ids for _, s in picked):
+            from textgen.core.spec_decode.verify import sample_with_drafts
+
+            return sample_with_drafts(self.sampler, self.model.compute_logits, hidden, starts, picked, rows, allowed)
         index = torch.tensor([int(starts[i]) + s.num_new_tokens - 1 for i, s in picked], device=hidden.device)
         logits = self.model.compute_logits(hidden.index_select(0, index))
         reqs = [s.request for _, s in picked]
@@ -175,12 +181,7 @@ class ModelRunner:
             [r.params for r in row], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in row], logits.shape[-1], logits.device,
         )
-        if allowed is not None:
-            allowed = allowed.to(logits.device)
-            if allowed.shape[-1] < logits.shape[-1]:  # logits wider than the grammar's vocabulary
-                pad = allowed.new_zeros((allowed.shape[0], logits.shape[-1] - allowed.shape[-1]))
-                allowed = torch.cat([allowed, pad], dim=-1)
-        res = self.sampler(logits, batch, allowed)
+        res = self.sampler(logits, batch, fit_allowed_mask(allowed, logits))
         return self._to_sampled(reqs, res)
 
     @staticmethod
@@ -209,6 +210,18 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[lo: lo + n])
             result[r.request_id] = compute_prompt_logprobs(logits, ids).tolist()
         return result
+
+
+def fit_allowed_mask(allowed: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """The grammar mask on the logits' device and width (logits may be wider than the grammar's
+    vocabulary: the extra ids are never allowed)."""
+    if allowed is None:
+        return None
+    allowed = allowed.to(logits.device)
+    if allowed.shape[-1] < logits.shape[-1]:
+        pad = allowed.new_zeros((allowed.shape[0], logits.shape[-1] - allowed.shape[-1]))
+        allowed = torch.cat([allowed, pad], dim=-1)
+    return allowed
 
 
 def bind_attention(model: Any, infos: list[AttentionBackendInfo], config: EngineConfig) -> KernelChoice:

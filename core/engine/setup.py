@@ -25,6 +25,7 @@ class EngineParts:
     scheduler: Any
     eos_token_ids: frozenset[int]
     startup_lines: list[str]
+    spec_decoder: Any = None  # SpecDecoder when --speculate > 0
 
 
 def _flatten(results: list[Any]) -> list[Any]:
@@ -62,7 +63,24 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
         runner.capture_graphs(graphs)
     lines.append(graphs.describe() if graphs is not None else graph_line)
     scheduler = _build_scheduler(config, plan.num_blocks)
-    return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(runner.hf_config, tokenizer, runner.model_path), lines)
+    eos = eos_ids(runner.hf_config, tokenizer, runner.model_path)
+    spec = _build_spec_decoder(config, backend, runner, eos)
+    if spec is not None:
+        lines.append(spec.describe())
+    return EngineParts(backend, runner, tokenizer, scheduler, eos, lines, spec)
+
+
+def _build_spec_decoder(config: EngineConfig, backend: Any, runner: Any, eos: frozenset[int]) -> Any:
+    if config.speculate < 0:
+        raise ConfigError(f"--speculate must be >= 0, got {config.speculate}")
+    if config.speculative_model and not config.speculate:
+        raise ConfigError("--speculative-model needs --speculate N (draft tokens per step), e.g. --speculate 4")
+    if not config.speculate:
+        return None
+    from textgen.core.spec_decode import SpecDecoder, build_proposer
+
+    proposer = build_proposer(config, backend, runner)
+    return SpecDecoder(config.speculate, proposer, config.max_total_tokens, eos)
 
 
 def step_limits(config: EngineConfig, graphs: DecodeGraphs | None) -> StepLimits:

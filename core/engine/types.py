@@ -90,7 +90,10 @@ class StepRecord:
     - schedule_s: the scheduler's choice of the step; forward_s: the model runner (inputs,
       forward, grammar masks, sampling); update_s: appending tokens, publishing KV blocks, stop
       checks and freeing finished requests; emit_s: token events (detokenization, stop strings);
-    - failed: the batch's first forward raised (its requests were then retried one by one).
+    - failed: the batch's first forward raised (its requests were then retried one by one);
+    - skipped_tokens: with speculative decoding on, one entry per request that got tokens this
+      step: its accepted draft tokens (TGI's tgi_request_skipped_tokens, tokens emitted - 1);
+      empty when speculation is off.
     """
 
     method: str
@@ -102,3 +105,4 @@ class StepRecord:
     update_s: float
     emit_s: float
     failed: bool
+    skipped_tokens: tuple[int, ...] = ()

@@ -14,7 +14,9 @@ class ScheduledRequest:
     - token_ids = request.all_token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens];
     - block_ids: the request's whole block table after this step's allocation;
     - sample: the step reaches the last known token, so a new token is sampled from its logits
-      (False for a prefill chunk that is not the last one).
+      (False for a prefill chunk that is not the last one);
+    - spec_token_ids: draft tokens verified this step (speculative decoding): they are the last
+      len(spec_token_ids) of token_ids and of num_new_tokens; only a decode step carries them.
     """
 
     request: Request
@@ -23,6 +25,7 @@ class ScheduledRequest:
     block_ids: list[int]
     token_ids: list[int]
     sample: bool
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

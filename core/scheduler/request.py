@@ -64,6 +64,7 @@ class Request:
     num_cached_tokens: int = field(default=0, init=False)  # prefix-hit tokens at first schedule
     num_preemptions: int = field(default=0, init=False)
     first_scheduled_time: float | None = field(default=None, init=False)
+    spec_token_ids: list[int] = field(default_factory=list, init=False)  # drafts for the next step only
     _all_token_ids: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -120,12 +120,24 @@ class Scheduler:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if n > 0:
-                if not self._allocate_or_preempt(request, n, out):
+                spec = self._allocate_drafts(request, n, budget)
+                if not spec and not self._allocate_or_preempt(request, n, out):
                     break  # it preempted itself: it was the last running request
-                out.scheduled.append(self._scheduled(request, n))
-                budget -= n
+                out.scheduled.append(self._scheduled(request, n, spec))
+                budget -= n + len(spec)
             i += 1
         return budget
+
+    def _allocate_drafts(self, request: Request, n: int, budget: int) -> list[int]:
+        """The request's draft tokens that fit this step, with slots for its decode token and them;
+        [] (nothing allocated) when it has none, is not decoding, or the cache lacks room for
+        them: drafts never preempt anyone."""
+        if not request.spec_token_ids or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        spec = request.spec_token_ids[: budget - n]
+        if not spec or self.kv_manager.allocate_slots(request, n + len(spec)) is None:
+            return []
+        return spec
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int, out: SchedulerOutput) -> bool:
         """Allocate, preempting from the bottom of `running` until it fits; False if the request
@@ -141,6 +153,7 @@ class Scheduler:
         victim = self.running.pop()
         self.kv_manager.free(victim)
         victim.num_computed_tokens = 0  # its output tokens stay and are recomputed with the prompt
+        victim.spec_token_ids = []
         victim.status = RequestStatus.PREEMPTED
         victim.num_preemptions += 1
         self._num_preemptions += 1
@@ -181,37 +194,57 @@ class Scheduler:
     def _has_batch_room(self) -> bool:
         return self.config.max_batch_size is None or len(self.running) < self.config.max_batch_size
 
-    def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
-        start = request.num_computed_tokens
+    def _scheduled(self, request: Request, n: int, spec: list[int] | None = None) -> ScheduledRequest:
+        start, spec = request.num_computed_tokens, list(spec or ())
         return ScheduledRequest(
-            request=request, num_new_tokens=n, num_computed_tokens=start,
+            request=request, num_new_tokens=n + len(spec), num_computed_tokens=start,
             block_ids=self.kv_manager.get_block_ids(request.request_id),
-            token_ids=request.all_token_ids[start:start + n], sample=start + n == request.num_tokens,
+            token_ids=request.all_token_ids[start:start + n] + spec, sample=start + n == request.num_tokens,
+            spec_token_ids=spec,
         )
 
     # -- after the forward ----------------------------------------------------------------
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[RequestUpdate]:
+    def update(self, output: SchedulerOutput, sampled: dict[str, int | list[int]]) -> list[RequestUpdate]:
         """Apply a step's results. Requests finished since schedule() (aborts) are ignored; a
-        scheduled request with `sample` but no entry in `sampled` only advances its KV."""
+        scheduled request with `sample` but no entry in `sampled` only advances its KV.
+
+        With drafts (speculative decoding) a request's entry is a list: its accepted drafts, in
+        order, then one token the target chose. Tokens are appended one at a time with the stop
+        checks, so none lands past a stop; KV stays computed only up to the last appended token's
+        input (rejected drafts' slots are overwritten later) and only those blocks are published."""
         updates = []
         for s in output.scheduled:
             request = s.request
             if request.status is not RequestStatus.RUNNING:
                 continue
-            self._advance(request, s)
-            token = sampled.get(request.request_id) if s.sample else None
-            if token is None:
+            request.spec_token_ids = []
+            tokens = sampled.get(request.request_id) if s.sample else None
+            if tokens is None:
+                self._advance(request, s, s.num_computed_tokens + s.num_new_tokens)
                 continue
-            request.append_output_token(token)
-            reason = check_stop(request, self.config.max_model_len)
+            tokens = [tokens] if isinstance(tokens, int) else list(tokens)
+            _check_drafts(s, tokens)
+            appended, reason = self._append(request, tokens)
+            computed = s.num_new_tokens if not s.spec_token_ids else len(appended)
+            self._advance(request, s, s.num_computed_tokens + computed)
             if reason is not None:
                 self._finish(request, reason)
-            updates.append(RequestUpdate(request.request_id, [token], reason is not None, reason))
+            updates.append(RequestUpdate(request.request_id, appended, reason is not None, reason))
         return updates
 
-    def _advance(self, request: Request, s: ScheduledRequest) -> None:
-        end = s.num_computed_tokens + s.num_new_tokens
+    def _append(self, request: Request, tokens: list[int]) -> tuple[list[int], str | None]:
+        """Append tokens until one stops the request: (the appended tokens, finish reason)."""
+        appended: list[int] = []
+        for token in tokens:
+            request.append_output_token(token)
+            appended.append(token)
+            reason = check_stop(request, self.config.max_model_len)
+            if reason is not None:
+                return appended, reason
+        return appended, None
+
+    def _advance(self, request: Request, s: ScheduledRequest, end: int) -> None:
         prompt_len = request.num_prompt_tokens
         self._prompt_computed += max(0, min(end, prompt_len) - min(s.num_computed_tokens, prompt_len))
         request.num_computed_tokens = end
@@ -248,3 +281,10 @@ class Scheduler:
             raise ValueError(f"request {request.request_id} may need {needed} KV blocks of {cfg.block_size} "
                              f"tokens but the cache has {cfg.num_blocks}: lower max_new_tokens or "
                              f"max_model_len, or give the KV cache more memory")
+
+
+def _check_drafts(s: ScheduledRequest, tokens: list[int]) -> None:
+    """Every token before the last must be an accepted draft, in order."""
+    drafts = s.spec_token_ids
+    if len(tokens) > len(drafts) + 1 or tokens[:-1] != drafts[: len(tokens) - 1]:
+        raise ValueError(f"request {s.request.request_id}: tokens {tokens} do not extend drafts {drafts}")
