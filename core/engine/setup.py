@@ -64,13 +64,17 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     lines.append(graphs.describe() if graphs is not None else graph_line)
     scheduler = _build_scheduler(config, plan.num_blocks)
     eos = eos_ids(runner.hf_config, tokenizer, runner.model_path)
-    spec = _build_spec_decoder(config, backend, runner, eos)
+    spec = _build_spec_decoder(config, lambda cfg: ModelRunner(cfg, backend, attention_infos, architectures, quantizers),
+                               runner, plan.num_blocks, eos)
     if spec is not None:
         lines.append(spec.describe())
     return EngineParts(backend, runner, tokenizer, scheduler, eos, lines, spec)
 
 
-def _build_spec_decoder(config: EngineConfig, backend: Any, runner: Any, eos: frozenset[int]) -> Any:
+def _build_spec_decoder(config: EngineConfig, make_runner: Any, runner: ModelRunner, num_blocks: int,
+                        eos: frozenset[int]) -> Any:
+    """None unless --speculate > 0; a draft model (--speculative-model) gets as many KV blocks as
+    the target and the same step limits."""
     if config.speculate < 0:
         raise ConfigError(f"--speculate must be >= 0, got {config.speculate}")
     if config.speculative_model and not config.speculate:
@@ -79,7 +83,10 @@ def _build_spec_decoder(config: EngineConfig, backend: Any, runner: Any, eos: fr
         return None
     from textgen.core.spec_decode import SpecDecoder, build_proposer
 
-    proposer = build_proposer(config, backend, runner)
+    try:
+        proposer = build_proposer(config, make_runner, runner, num_blocks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return SpecDecoder(config.speculate, proposer, config.max_total_tokens, eos)
 
 

@@ -10,7 +10,7 @@ them (`verify.py`) and `allowed_mask` gives it one grammar row per verified posi
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,6 +18,8 @@ import torch
 from textgen.core.spec_decode.proposer import Draft, DraftQuery, NgramProposer, Proposer
 
 if TYPE_CHECKING:
+    from textgen.core.config import EngineConfig
+    from textgen.core.engine.model_runner import ModelRunner
     from textgen.core.scheduler import Request, SchedulerOutput
 
 
@@ -31,7 +33,8 @@ class SpecDecoder:
         self._probs: dict[str, torch.Tensor] = {}
 
     def describe(self) -> str:
-        return f"speculative decoding: {self.proposer.name}, up to {self.k} draft tokens per step"
+        source = self.proposer.describe() if hasattr(self.proposer, "describe") else self.proposer.name
+        return f"speculative decoding: {source}, up to {self.k} draft tokens per step"
 
     # -- before schedule() ----------------------------------------------------------------
 
@@ -61,17 +64,20 @@ class SpecDecoder:
 
     def _accept(self, r: Request, draft: Draft, grammar_state: Any) -> None:
         tokens = draft.token_ids[: self._max_drafts(r)]
+        if draft.probs is not None:
+            # sampled drafts: cutting them by their own values (EOS, grammar) would bias the
+            # rejection sampler, so a sampled request with a grammar does not speculate
+            if grammar_state is None:
+                r.spec_token_ids = tokens
+                self._probs[r.request_id] = draft.probs[: len(tokens)]
+            return
         for i, t in enumerate(tokens):
             if t in self.eos_token_ids:
                 tokens = tokens[:i]
                 break
         if grammar_state is not None and tokens:
             tokens = tokens[: grammar_state.matcher.validate_tokens(tokens)]
-        if not tokens:
-            return
         r.spec_token_ids = tokens
-        if draft.probs is not None:
-            self._probs[r.request_id] = draft.probs[: len(tokens)]
 
     def draft_probs(self, request_id: str) -> torch.Tensor | None:
         return self._probs.get(request_id)
@@ -110,10 +116,11 @@ def _grammar_rows(grammar: Any, state: Any, drafts: list[int]) -> list[torch.Ten
     return rows
 
 
-def build_proposer(config: Any, backend: Any, target_runner: Any) -> Proposer:
-    """n-gram prompt lookup unless a draft model is configured."""
+def build_proposer(config: EngineConfig, make_runner: Callable[[EngineConfig], ModelRunner],
+                   target: ModelRunner, num_blocks: int) -> Proposer:
+    """n-gram prompt lookup unless a draft model is configured (then loaded with `make_runner`)."""
     if config.speculative_model:
         from textgen.core.spec_decode.draft_model import DraftModelProposer
 
-        return DraftModelProposer.create(config, backend, target_runner)
+        return DraftModelProposer.create(config, make_runner, target, num_blocks)
     return NgramProposer()

@@ -59,3 +59,32 @@ def test_ngram_greedy_is_identical_to_no_speculation(ngram, baseline):
         assert (out.text, out.finish_reason) == (base.text, base.finish_reason)
     assert sum(counts) > 0  # drafts were accepted, so the multi-token path ran
     assert len(counts) < sum(len(o.token_ids) for o in outs)  # fewer request-steps than tokens
+
+
+@pytest.fixture(scope="module")
+def draft_same(tiny_llama):
+    """The target as its own draft: every greedy draft is accepted."""
+    return LLM(tiny_llama, backend="cpu", dtype="float32", max_batch_prefill_tokens=64, speculate=3,
+               speculative_model=tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def draft_other(tiny_llama, tiny_model_factory):
+    """Another random model with the same tokenizer and vocabulary (and one layer)."""
+    other = tiny_model_factory("llama", num_hidden_layers=1)
+    return LLM(tiny_llama, backend="cpu", dtype="float32", max_batch_prefill_tokens=64, speculate=3,
+               speculative_model=other)
+
+
+@pytest.mark.parametrize("which", ["draft_same", "draft_other"])
+def test_draft_model_greedy_is_identical_to_no_speculation(which, request, baseline):
+    llm = request.getfixturevalue(which)
+    counts = accepted_counter(llm)
+    outs = llm.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    for base, out in zip(baseline, outs):
+        assert out.token_ids == base.token_ids, out.prompt
+        assert (out.text, out.finish_reason) == (base.text, base.finish_reason)
+    decoded = sum(len(o.token_ids) - 1 for o in outs)  # the first token of each comes from its prefill
+    if which == "draft_same":
+        assert sum(counts) >= 0.6 * decoded  # 3 of every 4 tokens when every draft is accepted
+    assert len(counts) > 0
