@@ -240,10 +240,11 @@ class EngineCore:
         tokens = [*last.accepted, last]  # accepted drafts first (speculative decoding), then the new token
         for i, token_id in enumerate(update.new_token_ids):
             event, stop = self.events.token_event(st, tokens[i], cached)
-            reason = update.finish_reason if update.finished and i == len(update.new_token_ids) - 1 else None
+            is_last = i == len(update.new_token_ids) - 1  # the grammar has consumed them all already
+            reason = update.finish_reason if update.finished and is_last else None
             if stop is not None:
                 reason = "stop_sequence"
-            elif reason is None and st.grammar_state is not None and st.grammar_state.is_terminated:
+            elif reason is None and is_last and st.grammar_state is not None and st.grammar_state.is_terminated:
                 reason = "eos_token"  # a finished grammar ends on EOS even with ignore_eos
             if reason is not None:
                 event.finished, event.finish_reason = True, reason
