@@ -47,6 +47,10 @@ def check_options(o: Mapping[str, Any]) -> list[str]:
     if o["sharded"] and (num_shard or 1) <= 1:
         reasons.append("`sharded` is true but `num_shard` <= 1")
     reasons += _budget_reasons(o)
+    if o["speculate"] is not None and o["speculate"] < 0:
+        reasons.append(f"`speculate` must be >= 0. Given: {o['speculate']}")
+    if o["speculative_model"] and not o["speculate"]:
+        reasons.append("--speculative-model needs --speculate N (draft tokens per step), e.g. --speculate 4")
     reasons += endpoint_reasons(o["kv_events_endpoint"])
     for name in ("validation_workers", "max_concurrent_requests", "max_client_batch_size", "payload_limit",
                  "block_size"):
@@ -115,7 +119,8 @@ def engine_config(o: Mapping[str, Any], args: argparse.Namespace) -> Any:
         max_input_tokens=o["max_input_tokens"] if o["max_input_tokens"] is not None else o["max_input_length"],
         max_total_tokens=o["max_total_tokens"], max_batch_prefill_tokens=o["max_batch_prefill_tokens"],
         max_batch_total_tokens=o["max_batch_total_tokens"], max_batch_size=o["max_batch_size"],
-        waiting_served_ratio=o["waiting_served_ratio"], extra=extra,
+        waiting_served_ratio=o["waiting_served_ratio"], speculate=o["speculate"] or 0,
+        speculative_model=o["speculative_model"], extra=extra,
     )
 
 

@@ -69,6 +69,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("sharded", "SHARDED", parse_bool, None, "shard the model (needs --num-shard > 1)", "switch"),
     Flag("num-shard", "NUM_SHARD", int, None, "number of tensor-parallel shards (textgen supports 1 for now)"),
     Flag("quantize", "QUANTIZE", str, None, "quantization method", choices=QUANTIZE_METHODS),
+    Flag("speculate", "SPECULATE", int, None, "speculative decoding: draft tokens verified per step, by n-gram "
+         "prompt lookup (or the model given by --speculative-model)"),
+    Flag("speculative-model", "SPECULATIVE_MODEL", str, None,
+         "draft model (hub id or folder, the target's tokenizer) for --speculate; default: n-gram lookup"),
     Flag("dtype", "DTYPE", str, None, "weights dtype", choices=DTYPES),
     Flag("trust-remote-code", "TRUST_REMOTE_CODE", parse_bool, False, "allow custom modeling code from the hub", "switch"),
     Flag("max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", int, 128, "requests in flight before 429"),

@@ -8,8 +8,8 @@ the engine thread calls after every step with a `StepRecord`. A textgen step is 
 sampling); filter = the scheduler update (append, publish KV blocks, stop checks, free finished);
 decode = token events (detokenization, stop strings); concat = a step where prefill work joined
 decoding requests (reason "chunking": continuous batching at token granularity), its duration
-the scheduler's. `tgi_request_skipped_tokens` exists for dashboards and stays empty: textgen does
-no speculative decoding yet.
+the scheduler's. `tgi_request_skipped_tokens` is TGI's (tokens emitted - 1) per request and step:
+the draft tokens accepted, observed only when speculative decoding is on (`--speculate`).
 
 TGI's exporter writes counters without the `_total` suffix (`tgi_request_count 3`), which
 prometheus-client cannot produce, so counters are kept and rendered here; histograms and gauges
@@ -132,7 +132,8 @@ class Metrics:
         self.generated = hist("tgi_request_generated_tokens", "Generated tokens", _linear_buckets(max_total_tokens))
         self.max_new_tokens = hist("tgi_request_max_new_tokens", "Requested max_new_tokens",
                                    _linear_buckets(max_total_tokens))
-        Summary("tgi_request_skipped_tokens", "Speculated tokens accepted per step", registry=self.registry)
+        self.skipped = Summary("tgi_request_skipped_tokens", "Speculated tokens accepted per step",
+                               registry=self.registry)
         self._declare_batch_series()
 
     def _declare_batch_series(self) -> None:
@@ -183,6 +184,8 @@ class Metrics:
         self.batch_forward.labels(r.method).observe(r.forward_s)
         self.batch_filter.labels(r.method).observe(r.update_s)
         self.batch_decode.labels(r.method).observe(r.emit_s)
+        for accepted in r.skipped_tokens:  # one per request-step, only with speculative decoding on
+            self.skipped.observe(accepted)
         if r.concatenated:
             self.counters.inc("tgi_batch_concat", {"reason": "chunking"})
             self.batch_concat.labels("decode").observe(r.schedule_s)

@@ -29,7 +29,7 @@ def info(state: AppState) -> dict[str, object]:
         "max_batch_total_tokens": c.max_batch_total_tokens, "max_batch_prefill_tokens": c.max_batch_prefill_tokens,
         "max_batch_size": c.max_batch_size, "max_top_n_tokens": c.max_top_n_tokens,
         "waiting_served_ratio": c.waiting_served_ratio, "block_size": c.block_size,
-        "prefix_caching": c.enable_prefix_caching,
+        "prefix_caching": c.enable_prefix_caching, "speculate": c.speculate,
     }
 
 
