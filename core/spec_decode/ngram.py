@@ -1,7 +1,8 @@
 """N-gram prompt lookup (TGI's `--speculate N` on a model without Medusa heads; vLLM's "ngram").
 
 The drafts for the next step are the tokens that followed the most recent earlier occurrence of
-the context's last n tokens, trying the longest n first. Copy-heavy outputs (code edits, quoting,
+the context's last n tokens that has num_drafts tokens after it (else the earliest occurrence),
+trying the longest n first. Copy-heavy outputs (code edits, quoting,
 extraction, repeated structure) are where it pays; elsewhere it usually finds nothing or a miss,
 and a miss costs only the extra positions of one forward.
 """
@@ -24,6 +25,9 @@ def propose_ngram(tokens: Sequence[int], num_drafts: int, max_ngram: int = 3, mi
         windows = sliding_window_view(context[:-1], n)
         hits = np.flatnonzero((windows == context[-n:]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
+            # the latest occurrence followed by num_drafts tokens, else the earliest (the longest
+            # continuation): in a cycle the latest one ends right at the context's end
+            full = hits[hits + n + num_drafts <= len(context)]
+            start = int(full[-1] if full.size else hits[0]) + n
             return context[start:start + num_drafts].tolist()
     return []
