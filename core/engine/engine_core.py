@@ -141,6 +141,8 @@ class EngineCore:
         update_s = emit_s = 0.0
         if kept.scheduled:
             update_s, emit_s = self._process(kept, result)
+        if self.spec is not None:
+            self.spec.observe(kept, {rid: len(t.accepted) for rid, t in result.sampled.items()})
         if self.step_observers:
             skipped = tuple(len(t.accepted) for t in result.sampled.values()) if self.spec is not None else ()
             self._observe(StepRecord(

@@ -31,6 +31,7 @@ class SpecDecoder:
         self.k, self.proposer, self.max_model_len = num_speculative_tokens, proposer, max_model_len
         self.eos_token_ids = eos_token_ids
         self._probs: dict[str, torch.Tensor] = {}
+        self._backoff: dict[str, list[int]] = {}  # request id -> [steps left to skip, next skip length]
 
     def describe(self) -> str:
         source = self.proposer.describe() if hasattr(self.proposer, "describe") else self.proposer.name
@@ -41,12 +42,14 @@ class SpecDecoder:
     def propose(self, running: Sequence[Request], states: Mapping[str, Any]) -> None:
         """`states`: the engine's RequestState by id (generator, grammar state)."""
         self._probs.clear()
+        live = {r.request_id for r in running}
+        self._backoff = {rid: b for rid, b in self._backoff.items() if rid in live}
         queries = []
         for r in running:
             st = states.get(r.request_id)
             r.spec_token_ids = []
             limit = self._max_drafts(r)
-            if st is None or limit <= 0 or r.num_tokens - r.num_computed_tokens != 1:
+            if st is None or limit <= 0 or r.num_tokens - r.num_computed_tokens != 1 or self._backing_off(r.request_id):
                 continue
             if st.grammar_state is not None and st.grammar_state.is_terminated:
                 continue
@@ -56,6 +59,28 @@ class SpecDecoder:
             draft = drafts.get(q.request.request_id)
             if draft is not None:
                 self._accept(q.request, draft, states[q.request.request_id].grammar_state)
+
+    def _backing_off(self, request_id: str) -> bool:
+        backoff = self._backoff.get(request_id)
+        if backoff is None or backoff[0] == 0:
+            return False
+        backoff[0] -= 1
+        return True
+
+    def observe(self, out: SchedulerOutput, accepted: Mapping[str, int]) -> None:
+        """After a step: `accepted` drafts per request that got tokens. A request whose drafts were
+        all rejected skips proposing for 1, 2, 4 ... 16 steps (reset by an acceptance), so output
+        that the proposer cannot predict costs few wasted verify positions. Depends only on past
+        steps, so it changes no distribution."""
+        for s in out.scheduled:
+            rid = s.request.request_id
+            if not s.spec_token_ids or rid not in accepted:
+                continue
+            if accepted[rid] > 0:
+                self._backoff.pop(rid, None)
+                continue
+            length = self._backoff.get(rid, [0, 1])[1]
+            self._backoff[rid] = [length, min(2 * length, 16)]
 
     def _max_drafts(self, r: Request) -> int:
         """All drafts accepted plus one token must fit both limits."""
