@@ -69,7 +69,7 @@ class SpecDecoder:
 
     def observe(self, out: SchedulerOutput, accepted: Mapping[str, int]) -> None:
         """After a step: `accepted` drafts per request that got tokens. A request whose drafts were
-        all rejected skips proposing for 1, 2, 4 ... 16 steps (reset by an acceptance), so output
+        all rejected skips proposing for 4, 8, 16, then 32 steps (reset by an acceptance), so output
         that the proposer cannot predict costs few wasted verify positions. Depends only on past
         steps, so it changes no distribution."""
         for s in out.scheduled:
@@ -79,8 +79,8 @@ class SpecDecoder:
             if accepted[rid] > 0:
                 self._backoff.pop(rid, None)
                 continue
-            length = self._backoff.get(rid, [0, 1])[1]
-            self._backoff[rid] = [length, min(2 * length, 16)]
+            length = self._backoff.get(rid, [0, 4])[1]
+            self._backoff[rid] = [length, min(2 * length, 32)]
 
     def _max_drafts(self, r: Request) -> int:
         """All drafts accepted plus one token must fit both limits."""

@@ -57,9 +57,9 @@ def test_rejected_drafts_back_off_exponentially_and_an_acceptance_resets():
         spec.observe(SchedulerOutput(scheduled=[s]), {"r": accepted if proposed else 0})
         return proposed
 
-    pattern = [step(0) for _ in range(12)]
-    assert pattern == [True, False, True, False, False, True, False, False, False, False, True, False]
-    assert step(1) is False  # still skipping (8 steps after the 4th rejection)
+    pattern = [step(0) for _ in range(20)]
+    assert [i for i, proposed in enumerate(pattern) if proposed] == [0, 5, 14]  # skips 4, then 8
+    assert step(1) is False  # still skipping (16 steps after the 3rd rejection)
     while not step(1):
         pass
     assert [step(1) for _ in range(3)] == [True, True, True]  # accepted: no more skipping
