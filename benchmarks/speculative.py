@@ -12,8 +12,12 @@ Model: the ~100M-parameter random-weight Llama of `common.py` (tied embeddings).
 - random: temperature-1 sampling (seeded) from prompts of random tokens: the output seldom
   repeats, so drafts are rare and mostly rejected. This measures the cost of speculation when it
   does not pay (lookups, longer verify forwards on misses).
-Each (workload, engine) pair runs --reps times alternating baseline and speculation (the machine
-is shared and drifts); the best run of each is reported. Single requests, one at a time.
+One engine serves both sides: the baseline is the same engine with its SpecDecoder detached
+(`engine.spec = None`, exactly the state of an engine started without --speculate), so weights and
+KV memory are the same objects (two engine instances differed by up to 15% on identical work
+here). Each prompt runs without then with speculation, --reps times, so the machine's drift (2x
+within minutes on a shared VM) hits both alike; tokens/s are totals over all runs. Single requests, one at a time. `verify_steps` is the fraction of the speculating engine's
+request-steps that verified drafts (what speculation costs when drafts are rejected).
 
 Why bfloat16 and one thread by default: verification is a forward over 1 + k positions, which
 pays only where a forward's cost barely grows from 1 to 5 rows (decode is weight-bandwidth bound).
@@ -56,22 +60,38 @@ def timed(llm, prompts: list[list[int]], params: dict) -> tuple[float, int, list
     return time.perf_counter() - start, tokens, outputs
 
 
-def run_workload(name: str, base, spec, prompts: list[list[int]], params: dict, reps: int) -> dict:
+def run_workload(name: str, spec, prompts: list[list[int]], params: dict, reps: int) -> dict:
     accepted: list[int] = []  # per request-step of the speculating engine, over all its runs
+    decoder = spec.engine.spec
     spec.engine.step_observers.append(lambda record: accepted.extend(record.skipped_tokens))
-    best = {"baseline": 0.0, "speculate": 0.0}
-    outputs = {}
+    with_drafts = [0]
+    schedule = spec.engine.scheduler.schedule
+
+    def counting_schedule():
+        out = schedule()
+        with_drafts[0] += sum(1 for s in out.scheduled if s.spec_token_ids)
+        return out
+
+    spec.engine.scheduler.schedule = counting_schedule
+    totals = {"baseline": [0.0, 0], "speculate": [0.0, 0]}
+    outputs: dict[str, list[list[int]]] = {"baseline": [], "speculate": []}
     for _ in range(reps):
-        for label, llm in (("baseline", base), ("speculate", spec)):
-            seconds, tokens, outs = timed(llm, prompts, params)
-            best[label] = max(best[label], tokens / seconds)
-            outputs[label] = outs
+        for ids in prompts:
+            for label in ("baseline", "speculate"):
+                spec.engine.spec = decoder if label == "speculate" else None
+                seconds, tokens, outs = timed(spec, [ids], params)
+                totals[label][0] += seconds
+                totals[label][1] += tokens
+                outputs[label] += outs
     spec.engine.step_observers.clear()
+    spec.engine.scheduler.schedule = schedule
+    spec.engine.spec = decoder
     steps, acc = len(accepted), sum(accepted)
+    rate = {label: tokens / seconds for label, (seconds, tokens) in totals.items()}
     same = outputs["baseline"] == outputs["speculate"] if not params.get("do_sample") else None
-    return {"workload": name, "baseline_tok_s": round(best["baseline"], 2), "speculate_tok_s": round(best["speculate"], 2),
-            "ratio": round(best["speculate"] / best["baseline"], 3), "accepted_drafts_per_step": round(acc / max(steps, 1), 2),
-            "greedy_outputs_identical": same}
+    return {"workload": name, "baseline_tok_s": round(rate["baseline"], 2), "speculate_tok_s": round(rate["speculate"], 2),
+            "ratio": round(rate["speculate"] / rate["baseline"], 3), "accepted_drafts_per_step": round(acc / max(steps, 1), 2),
+            "verify_steps": round(with_drafts[0] / max(steps, 1), 3), "greedy_outputs_identical": same}
 
 
 def main() -> None:
@@ -92,14 +112,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = str(build_random_llama(args.model_dir))
     common = dict(backend="cpu", dtype=args.dtype, num_kv_blocks=64, block_size=16, max_total_tokens=1024)
-    base = LLM(path, **common)
     spec = LLM(path, speculate=args.speculate, **common)
-    vocab = base.engine.runner.vocab_size
+    vocab = spec.engine.runner.vocab_size
     n = args.new_tokens
     results = [
-        run_workload("repetitive (greedy)", base, spec, [base.tokenizer.encode(p) for p in REPETITIVE],
+        run_workload("repetitive (greedy)", spec, [spec.tokenizer.encode(p) for p in REPETITIVE],
                      dict(max_new_tokens=n, ignore_eos=True), args.reps),
-        run_workload("random (sampled, T=1)", base, spec, random_prompts(vocab, 3, 64, seed=0),
+        run_workload("random (sampled, T=1)", spec, random_prompts(vocab, 3, 64, seed=0),
                      dict(max_new_tokens=n, ignore_eos=True, do_sample=True, temperature=1.0, seed=0), args.reps),
     ]
     report = {"machine": describe_machine(), "speculate": args.speculate, "new_tokens": n, "dtype": args.dtype,
@@ -108,6 +127,7 @@ def main() -> None:
     for r in results:
         print(f"{r['workload']:24s} baseline {r['baseline_tok_s']:7.2f} tok/s  speculate {r['speculate_tok_s']:7.2f} "
               f"tok/s  ratio {r['ratio']:.3f}x  accepted/step {r['accepted_drafts_per_step']}  "
+              f"verify steps {r['verify_steps']}  "
               f"identical {r['greedy_outputs_identical']}")
     print("load average", os.getloadavg())
     if args.out:
