@@ -90,7 +90,8 @@ def flat_blocks(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: 
     row_ids = torch.arange(rows, device=lens.device)[:, None].expand(rows, width)
     groups = torch.where(valid, row_ids, torch.full_like(row_ids, rows))
     usage = torch.where(valid, (lens[:, None] - j[None, :] * block_size).clamp(max=block_size), torch.ones_like(groups))
-    scales = torch.where(valid, 1.0 / used.clamp(min=1)[:, None].to(torch.float32), torch.ones_like(usage, dtype=torch.float32))
+    per_block = 1.0 / used.clamp(min=1)[:, None].to(torch.float32)
+    scales = torch.where(valid, per_block, torch.ones_like(usage, dtype=torch.float32))
     return block_tables.to(torch.long).reshape(-1), groups.reshape(-1), usage.reshape(-1), scales.reshape(-1)
 
 

@@ -10,14 +10,14 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.backends.test_bucketing import _engine, eager  # noqa: F401  (eager: a fixture)
+from textgen.core.engine.types import EngineRequest
+from textgen.core.layers.paged_attention import TorchPagedAttention
+from textgen.core.registry import AttentionBackendInfo
 from textgen.core.sampling import Sampler, SamplingBatch
 from textgen.core.sampling.static import SampledRows, StaticSampler, padded_mask
 from textgen.core.sampling.watermark import WatermarkConfig
 from textgen.core.sampling_params import SamplingParams
-from tests.backends.test_bucketing import _engine, eager  # noqa: F401  (fixture)
-from textgen.core.engine.types import EngineRequest
-from textgen.core.registry import AttentionBackendInfo
-from textgen.core.layers.paged_attention import TorchPagedAttention
 
 VOCAB = 50
 PORTABLE = AttentionBackendInfo("torch_paged", f"{TorchPagedAttention.__module__}:TorchPagedAttention")
