@@ -45,7 +45,7 @@ class EngineCore:
 
     def add_request(self, request: EngineRequest, sink: Sink) -> None:
         params = request.params
-        gen, seed = request_generator(params.seed, not params.is_greedy, self.backend.device)
+        gen, seed = request_generator(params.seed, not params.is_greedy, self.runner.generator_device)
         st = RequestState(request, sink, IncrementalDetokenizer.for_prompt(self.tokenizer, request.prompt_token_ids),
                           StopMatcher(list(params.stop)), gen, seed)
         if request.request_id in self.states:

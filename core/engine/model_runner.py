@@ -22,6 +22,7 @@ from textgen.core.forward_context import ForwardContext, StepTensors
 from textgen.core.loader.dtype import resolve_kv_cache_dtype
 from textgen.core.registry import AttentionBackendInfo
 from textgen.core.sampling import Sampler, SamplingBatch, compute_prompt_logprobs
+from textgen.core.sampling.static import HOST, SampledRows, StaticSampler
 
 if TYPE_CHECKING:
     from textgen.core.attention import AttentionMetadataBuilder
@@ -66,10 +67,16 @@ class ModelRunner:
         self._buffers: StepBuffers | None = None
         self._builder: AttentionMetadataBuilder | None = None
         self.graphs: DecodeGraphs | None = None
+        self.static_sampler: StaticSampler | None = None  # when the graph rule asks for static shapes
 
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
+
+    @property
+    def generator_device(self) -> torch.device:
+        """Where sampled requests' generators live: the host when the sampler draws its noise there."""
+        return HOST if self.static_sampler is not None else self.device
 
     @property
     def block_size(self) -> int:
@@ -125,6 +132,11 @@ class ModelRunner:
         self.graphs = graphs
         with self.backend.inference_mode():
             graphs.warm_up(self)
+            if graphs.runner.static_sampling:
+                self.static_sampler = StaticSampler(graphs.batch_sizes, self.config.max_top_n_tokens,
+                                                    graphs.runner.cut, self.sampler.watermark, self.device)
+                graphs.sampler_warmups = self.static_sampler.warm_up(
+                    graphs.token_counts(), int(self.hf_config.hidden_size), self.dtype, self.model.compute_logits)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -133,22 +145,24 @@ class ModelRunner:
         """Run one step. `allowed_mask` (bool [S, V]) rows follow the order of the scheduled
         requests whose `sample` is True; disallowed tokens are never sampled (grammars)."""
         with self.backend.inference_mode():
-            hidden = self.forward_step(out.scheduled)
+            hidden = self.forward_step(out.scheduled, keep_padding=self.static_sampler is not None)
             query_lens = np.fromiter((s.num_new_tokens for s in out.scheduled), dtype=np.int64)
             starts = query_lens.cumsum() - query_lens
             prompt_lp = self._prompt_logprobs(out, hidden, starts, prompt_logprob_ids)
             sampled = self._sample(out, hidden, starts, rows, allowed_mask)
         return StepResult(sampled, prompt_lp)
 
-    def forward_step(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
-        """Hidden states of the step's tokens, in order (graph-mode padding already dropped)."""
+    def forward_step(self, scheduled: list[ScheduledRequest], keep_padding: bool = False) -> torch.Tensor:
+        """Hidden states of the step's tokens, in order (graph-mode padding dropped unless
+        `keep_padding`: a slice of a per-step length is one more program on a compiling device)."""
         graphs = self.graphs
         if graphs is not None:
             bucket = graphs.bucket_for(scheduled)
             if bucket is not None:
                 step = graphs.fill(self._buffers, scheduled, bucket, self.pad_slot)
                 ctx = ForwardContext(self._builder.build(step), self.kv_caches)
-                return graphs.run(bucket, step, ctx)[: sum(s.num_new_tokens for s in scheduled)]
+                hidden = graphs.run(bucket, step, ctx)
+                return hidden if keep_padding else hidden[: sum(s.num_new_tokens for s in scheduled)]
         return self._forward(self._buffers.fill(scheduled))
 
     def _forward(self, step: StepTensors) -> torch.Tensor:
@@ -167,10 +181,15 @@ class ModelRunner:
         picked = [(i, s) for i, s in enumerate(out.scheduled) if s.sample]
         if not picked:
             return {}
-        index = torch.tensor([int(starts[i]) + s.num_new_tokens - 1 for i, s in picked], device=hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, index))
+        last = [int(starts[i]) + s.num_new_tokens - 1 for i, s in picked]
         reqs = [s.request for _, s in picked]
         row = [rows[r.request_id] for r in reqs]
+        if self.static_sampler is not None:
+            sampled = SampledRows([r.params for r in row], [r.prompt_token_ids for r in reqs],
+                                  [r.output_token_ids for r in reqs], [r.generator for r in row], allowed)
+            return self._to_sampled(reqs, self.static_sampler.sample(hidden, last, self.model.compute_logits, sampled))
+        index = torch.tensor(last, device=hidden.device)
+        logits = self.model.compute_logits(hidden.index_select(0, index))
         batch = SamplingBatch.build(
             [r.params for r in row], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in row], logits.shape[-1], logits.device,
