@@ -1,0 +1,175 @@
+"""GGUF checkpoints (llama.cpp's single-file format): config, tokenizer and weights from one file.
+
+`--model-id` names a GGUF model as
+- a local `.gguf` file;
+- a local folder holding exactly one `.gguf` file and no safetensors (several: name the file);
+- a Hub file `owner/repo/name.gguf` (vLLM and transformers take the repo and the file name too;
+  the file is downloaded alone, or read from the cache when HF_HUB_OFFLINE=1).
+Split GGUFs (`-00001-of-00003.gguf`) are not read.
+
+The config and the tokenizer come from the metadata exactly as transformers builds them
+(`AutoConfig` / `AutoTokenizer` with `gguf_file`). Weights are streamed tensor by tensor: read from
+the memory-mapped file, dequantized to float32 with `gguf.quants.dequantize` (the numpy
+reference transformers uses), renamed from llama.cpp's names (`blk.0.attn_q.weight`) to the
+Hugging Face ones with transformers' own GGUF name map, with llama.cpp's rotary permutation of
+the Q and K rows undone by transformers' tensor processor, and handed to the model's per-parameter
+loaders, which cast to the model dtype. Nothing stays quantized: textgen's packed kernels take
+per-channel int8 or int4 with one scale and zero per group, while GGUF blocks carry fp16 block
+scales (Q8_0), 6-bit sub-block scales and mins (K-quants) or 6-bit values (Q6_K); `--quantize
+int8|int4` can re-quantize the dequantized weights.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from textgen.core.engine.sizing import ConfigError
+from textgen.core.loader.files import ModelFilesError
+
+if TYPE_CHECKING:
+    import torch
+
+# `general.architecture` values served natively (llama.cpp writes Mistral models as llama)
+ARCHITECTURES = ("llama", "qwen2")
+# ggml tensor types dequantized at load (gguf.quants has a numpy dequantizer for each)
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+class GGUFError(ConfigError):
+    """A GGUF file textgen cannot serve (architecture, tensor type); the message says which."""
+
+
+def find_gguf_file(model_id: str, revision: str | None = None) -> Path | None:
+    """The GGUF file `model_id` names (see the module docstring), or None for other models."""
+    local = Path(model_id).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return local
+    if local.is_dir():
+        return _single_gguf_in(local)
+    if model_id.endswith(".gguf") and model_id.count("/") >= 2 and not model_id.startswith((".", "/", "~")):
+        return _download(model_id, revision)
+    if model_id.endswith(".gguf"):
+        raise ModelFilesError(f"GGUF file {model_id!r} does not exist")
+    return None
+
+
+def _single_gguf_in(folder: Path) -> Path | None:
+    files = sorted(folder.glob("*.gguf"))
+    if not files or any(folder.glob("*.safetensors")):
+        return None
+    if len(files) > 1:
+        raise ModelFilesError(f"{folder} holds {len(files)} GGUF files ({', '.join(f.name for f in files)}): "
+                              f"pass one of them as --model-id, e.g. {files[0]}")
+    return files[0]
+
+
+def _download(model_id: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    owner, name, filename = model_id.split("/", 2)
+    try:
+        return Path(hf_hub_download(f"{owner}/{name}", filename, revision=revision))
+    except (LocalEntryNotFoundError, HfHubHTTPError) as exc:
+        raise ModelFilesError(f"GGUF file {filename!r} of {owner}/{name} (revision {revision or 'main'}) is not "
+                              f"in the local Hugging Face cache and could not be downloaded: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFCheckpoint:
+    file: Path
+    architecture: str
+    tensor_types: dict[str, int]  # ggml type name -> number of tensors, in file order
+
+    @classmethod
+    def open(cls, file: Path) -> GGUFCheckpoint:
+        """Read the header; raises GGUFError for an architecture or tensor type not served."""
+        reader = _reader(file)
+        field = reader.fields.get("general.architecture")
+        architecture = field.contents() if field is not None else "none"
+        types = dict(Counter(t.tensor_type.name for t in reader.tensors))
+        reasons = checkpoint_reasons(architecture, types)
+        if reasons:
+            raise GGUFError(f"cannot serve the GGUF file {file}: " + "; ".join(reasons))
+        return cls(file, architecture, types)
+
+    def hf_config(self) -> Any:
+        """transformers' config for the file (its GGUF metadata mapping), with `architectures` set."""
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config = AutoConfig.from_pretrained(str(self.file.parent), gguf_file=self.file.name)
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        return config
+
+    def weights(self, hf_config: Any, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, float32 tensor) for every tensor, dequantized one at a time."""
+        import numpy as np
+        import torch
+        from gguf import dequantize
+        from tqdm import tqdm
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        reader = _reader(self.file)
+        processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=hf_config.to_dict())
+        names = hf_names(hf_config, processor)
+        total = sum(int(t.n_bytes) for t in reader.tensors)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="loading GGUF weights", disable=not progress) as bar:
+            for tensor in reader.tensors:
+                values = dequantize(tensor.data, tensor.tensor_type)
+                values = processor.process(weights=values, name=tensor.name).weights
+                bar.update(int(tensor.n_bytes))
+                if tensor.name not in names:
+                    raise ModelFilesError(f"{self.file}: tensor {tensor.name!r} has no counterpart in "
+                                          f"{hf_config.architectures[0]}")
+                yield names[tensor.name], torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: F32 data is the mmap
+
+    def describe(self, dtype: torch.dtype, quantization: str) -> str:
+        """The start-up description: file, tensor types, what was done with them."""
+        types = ", ".join(f"{name} x{count}" for name, count in self.tensor_types.items())
+        then = "" if quantization == "none" else f", then {quantization}"
+        return f"gguf {self.file} ({self.architecture}; {types}) dequantized to {dtype} at load{then}"
+
+
+def checkpoint_reasons(architecture: str, tensor_types: dict[str, int]) -> list[str]:
+    """Why a file with this architecture and these tensor types cannot be served; empty when fine."""
+    reasons = []
+    if architecture not in ARCHITECTURES:
+        reasons.append(f"GGUF architecture {architecture!r} is not supported (supported: {', '.join(ARCHITECTURES)}); "
+                       f"serve the original Hugging Face checkpoint instead")
+    unknown = [name for name in tensor_types if name not in TENSOR_TYPES]
+    if unknown:
+        reasons.append(f"tensor type {', '.join(unknown)} is not supported (supported: {', '.join(TENSOR_TYPES)})")
+    return reasons
+
+
+def hf_names(hf_config: Any, processor: Any) -> dict[str, str]:
+    """llama.cpp tensor name -> Hugging Face parameter name, from transformers' GGUF name map
+    applied to the transformers model of this config (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return get_gguf_hf_weights_map(model, processor)
+
+
+def load_gguf_tokenizer(file: Path) -> Any:
+    """The tokenizer transformers rebuilds from the file's `tokenizer.ggml.*` metadata."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+
+
+def _reader(file: Path) -> Any:
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(file))
+    except ImportError:
+        raise
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelFilesError(f"{file} is not a readable GGUF file: {exc}") from exc
