@@ -165,11 +165,11 @@ def load_gguf_tokenizer(file: Path) -> Any:
 
 
 def _reader(file: Path) -> Any:
-    from gguf import GGUFReader
-
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:
+        raise ModelFilesError(f"{file} is a GGUF file: install the gguf package (pip install 'textgen[gguf]')") from exc
     try:
         return GGUFReader(str(file))
-    except ImportError:
-        raise
     except (ValueError, OSError, KeyError) as exc:
         raise ModelFilesError(f"{file} is not a readable GGUF file: {exc}") from exc

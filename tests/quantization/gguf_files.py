@@ -62,6 +62,16 @@ def q4_k_m(tensor: str, shape: tuple[int, ...]) -> str:
     return "Q6_K" if any(part in tensor for part in ("attn_v", "ffn_down", "output.")) else "Q4_K"
 
 
+def by_tensor(types: dict[str, str], default: str) -> TypeChooser:
+    """A mix: the first key of `types` found in the llama.cpp name picks its type; 1-D stays F32."""
+    def choose(tensor: str, shape: tuple[int, ...]) -> str:
+        if len(shape) == 1:
+            return "F32"
+        return next((kind for part, kind in types.items() if part in tensor), default)
+
+    return choose
+
+
 def write_gguf(model_dir: str | Path, out: str | Path, types: TypeChooser, name: str = "tiny",
                seed: int = 0) -> Path:
     """Write `model_dir` (config.json, model.safetensors, tokenizer.json) as the GGUF file `out`."""
