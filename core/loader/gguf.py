@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 # `general.architecture` values served natively (llama.cpp writes Mistral models as llama)
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # ggml tensor types dequantized at load (gguf.quants has a numpy dequantizer for each)
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 

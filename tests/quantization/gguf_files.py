@@ -24,7 +24,7 @@ LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
+    "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
 }
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 # byte offsets of the fp16 scales (d, dmin) inside one block of each K-quant
@@ -72,16 +72,16 @@ def by_tensor(types: dict[str, str], default: str) -> TypeChooser:
     return choose
 
 
-def write_gguf(model_dir: str | Path, out: str | Path, types: TypeChooser, name: str = "tiny",
-               seed: int = 0) -> Path:
-    """Write `model_dir` (config.json, model.safetensors, tokenizer.json) as the GGUF file `out`."""
+def write_gguf(model_dir: str | Path, out: str | Path, types: TypeChooser, seed: int = 0) -> Path:
+    """Write `model_dir` (config.json, model.safetensors, tokenizer.json) as the GGUF file `out`.
+    llama.cpp writes Mistral as `llama` and says which in `general.name`, as here."""
     import gguf
 
     model_dir, out = Path(model_dir), Path(out)
     config = json.loads((model_dir / "config.json").read_text())
-    arch = config["model_type"]
+    arch = "llama" if config["model_type"] == "mistral" else config["model_type"]
     writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_name(name)
+    writer.add_name(f"tiny-{config['model_type']}")
     _add_model_metadata(writer, config)
     _add_tokenizer(writer, model_dir)
     rng = np.random.default_rng(seed)

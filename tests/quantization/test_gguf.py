@@ -29,6 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ATOL = 2e-4
 PROMPTS = [[1, 5, 17, 300, 41, 8, 99, 512, 3, 77, 250, 11], [1, 600, 13], [1, 42, 42, 42, 7, 900, 2, 64]]
 K_QUANT_SIZES = dict(hidden_size=256, intermediate_size=256)  # K-quant rows hold 256-value super-blocks
+# transformers' qwen3 GGUF config has no head_dim key (Qwen3Config's default, 128, is every Qwen3's)
+ARCH_SIZES = {"qwen3": dict(head_dim=128)}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def gguf_file(tiny_model_factory, tmp_path_factory):
     def build(arch: str, types: str) -> Path:
         if (arch, types) not in cache:
             k_quant = "_K" in types
-            source = tiny_model_factory(arch, **(K_QUANT_SIZES if k_quant else {}))
+            source = tiny_model_factory(arch, **ARCH_SIZES.get(arch, {}), **(K_QUANT_SIZES if k_quant else {}))
             folder = tmp_path_factory.mktemp(f"gguf-{arch}-{types}")
             cache[arch, types] = write_gguf(source, folder / f"tiny-{arch}-{types}.gguf", choosers[types])
         return cache[arch, types]
@@ -80,7 +82,7 @@ def test_f32_gguf_reproduces_the_safetensors_original(gguf_file, tiny_llama):
 
 @pytest.mark.parametrize(("arch", "types"), [
     ("llama", "F16_BF16"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "Q4_1_Q5"), ("llama", "Q4_K_M"),
-    ("llama", "Q2_K_Q3_K_Q5_K"), ("qwen2", "Q8_0"),
+    ("llama", "Q2_K_Q3_K_Q5_K"), ("qwen2", "Q8_0"), ("qwen3", "Q4_0"),
 ])
 def test_logits_and_greedy_tokens_match_transformers(gguf_file, arch, types):
     file = gguf_file(arch, types)
@@ -157,7 +159,7 @@ def test_unsupported_architecture_and_tensor_type_are_refused(tmp_path):
     assert isinstance(refused.value, ConfigError)
     assert str(refused.value) == (
         f"cannot serve the GGUF file {tmp_path / 'bloom.gguf'}: GGUF architecture 'bloom' is not supported "
-        "(supported: llama, qwen2); serve the original Hugging Face checkpoint instead; tensor type Q8_1 is not "
+        "(supported: llama, qwen2, qwen3); serve the original Hugging Face checkpoint instead; tensor type Q8_1 is not "
         "supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)")
     file = _odd_gguf(tmp_path / "iq.gguf", "llama", "IQ4_NL")
     done = subprocess.run([sys.executable, "-m", "textgen.api.cli", "serve", "--model-id", str(file), "--backend",
