@@ -9,19 +9,19 @@ Split GGUFs (`-00001-of-00003.gguf`) are not read.
 
 The config and the tokenizer come from the metadata exactly as transformers builds them
 (`AutoConfig` / `AutoTokenizer` with `gguf_file`). Weights are streamed tensor by tensor: read from
-the memory-mapped file, dequantized to float32 with `gguf.quants.dequantize` (the numpy
-reference transformers uses), renamed from llama.cpp's names (`blk.0.attn_q.weight`) to the
-Hugging Face ones with transformers' own GGUF name map, with llama.cpp's rotary permutation of
-the Q and K rows undone by transformers' tensor processor, and handed to the model's per-parameter
-loaders, which cast to the model dtype. Nothing stays quantized: textgen's packed kernels take
-per-channel int8 or int4 with one scale and zero per group, while GGUF blocks carry fp16 block
-scales (Q8_0), 6-bit sub-block scales and mins (K-quants) or 6-bit values (Q6_K); `--quantize
-int8|int4` can re-quantize the dequantized weights.
+the memory-mapped file, dequantized to float32 with `gguf.quants.dequantize` (the numpy reference
+transformers uses), renamed from llama.cpp's names (`blk.0.attn_q.weight`) to the Hugging Face
+ones with llama.cpp's own name table (the map transformers builds), with llama.cpp's rotary
+permutation of the Q and K rows undone by transformers' tensor processor, and handed to the
+model's per-parameter loaders, which cast to the model dtype. Nothing stays quantized: textgen's
+packed kernels take per-channel int8 or int4 with one scale and zero per group, while GGUF blocks
+carry fp16 block scales (Q8_0), 6-bit sub-block scales and mins (K-quants) or 6-bit values
+(Q6_K); `--quantize int8|int4` can re-quantize the dequantized weights.
 """
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -82,18 +82,19 @@ class GGUFCheckpoint:
     file: Path
     architecture: str
     tensor_types: dict[str, int]  # ggml type name -> number of tensors, in file order
+    reader: Any = field(repr=False, compare=False)  # gguf.GGUFReader: parsing the header takes seconds
 
     @classmethod
     def open(cls, file: Path) -> GGUFCheckpoint:
         """Read the header; raises GGUFError for an architecture or tensor type not served."""
         reader = _reader(file)
-        field = reader.fields.get("general.architecture")
-        architecture = field.contents() if field is not None else "none"
+        arch_field = reader.fields.get("general.architecture")
+        architecture = arch_field.contents() if arch_field is not None else "none"
         types = dict(Counter(t.tensor_type.name for t in reader.tensors))
         reasons = checkpoint_reasons(architecture, types)
         if reasons:
             raise GGUFError(f"cannot serve the GGUF file {file}: " + "; ".join(reasons))
-        return cls(file, architecture, types)
+        return cls(file, architecture, types, reader)
 
     def hf_config(self) -> Any:
         """transformers' config for the file (its GGUF metadata mapping), with `architectures` set."""
@@ -112,9 +113,9 @@ class GGUFCheckpoint:
         from tqdm import tqdm
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-        reader = _reader(self.file)
+        reader = self.reader
         processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=hf_config.to_dict())
-        names = hf_names(hf_config, processor)
+        names = hf_names(hf_config, self.architecture)
         total = sum(int(t.n_bytes) for t in reader.tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading GGUF weights", disable=not progress) as bar:
             for tensor in reader.tensors:
@@ -145,16 +146,27 @@ def checkpoint_reasons(architecture: str, tensor_types: dict[str, int]) -> list[
     return reasons
 
 
-def hf_names(hf_config: Any, processor: Any) -> dict[str, str]:
-    """llama.cpp tensor name -> Hugging Face parameter name, from transformers' GGUF name map
-    applied to the transformers model of this config (built on the meta device: no memory)."""
+def hf_names(hf_config: Any, architecture: str) -> dict[str, str]:
+    """llama.cpp tensor name -> Hugging Face parameter name: llama.cpp's own table (gguf's
+    TensorNameMap, what convert_hf_to_gguf.py uses) applied to the parameters of the transformers
+    model of this config, built on the meta device (no memory). transformers'
+    `get_gguf_hf_weights_map` gives the same map but rebuilds the table for every submodule
+    (seconds per load)."""
     import torch
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
+    arch = next(key for key, value in MODEL_ARCH_NAMES.items() if value == architecture)
+    table = get_tensor_name_map(arch, int(hf_config.num_hidden_layers))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    return get_gguf_hf_weights_map(model, processor)
+    names = {}
+    for hf_name in model.state_dict():
+        stem, _, suffix = hf_name.rpartition(".")
+        gguf_name = table.get_name(stem)
+        if gguf_name is not None:
+            names[f"{gguf_name}.{suffix}"] = hf_name
+    return names
 
 
 def load_gguf_tokenizer(file: Path) -> Any:
