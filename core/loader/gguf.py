@@ -20,6 +20,7 @@ carry fp16 block scales (Q8_0), 6-bit sub-block scales and mins (K-quants) or 6-
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,15 @@ from textgen.core.loader.files import ModelFilesError
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("textgen.loader")
+
 # `general.architecture` values served natively (llama.cpp writes Mistral models as llama)
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # ggml tensor types dequantized at load (gguf.quants has a numpy dequantizer for each)
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# Llama 3.1+ frequency factors: llama.cpp's form of the `llama3` rope scaling, whose parameters the
+# metadata does not carry. transformers drops the tensor (and so the scaling); so does textgen.
+IGNORED_TENSORS = ("rope_freqs.weight",)
 
 
 class GGUFError(ConfigError):
@@ -119,13 +125,18 @@ class GGUFCheckpoint:
         total = sum(int(t.n_bytes) for t in reader.tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="loading GGUF weights", disable=not progress) as bar:
             for tensor in reader.tensors:
-                values = dequantize(tensor.data, tensor.tensor_type)
-                values = processor.process(weights=values, name=tensor.name).weights
                 bar.update(int(tensor.n_bytes))
+                if tensor.name in IGNORED_TENSORS:
+                    log.warning("%s: %s ignored (as transformers does): llama3 rope scaling is not applied",
+                                self.file, tensor.name)
+                    continue
                 if tensor.name not in names:
                     raise ModelFilesError(f"{self.file}: tensor {tensor.name!r} has no counterpart in "
                                           f"{hf_config.architectures[0]}")
-                yield names[tensor.name], torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: F32 data is the mmap
+                values = dequantize(tensor.data, tensor.tensor_type)
+                values = processor.process(weights=values, name=tensor.name).weights
+                # a copy: an F32 tensor's values are the read-only memory map
+                yield names[tensor.name], torch.from_numpy(np.array(values, dtype=np.float32))
 
     def describe(self, dtype: torch.dtype, quantization: str) -> str:
         """The start-up description: file, tensor types, what was done with them."""

@@ -72,9 +72,11 @@ def by_tensor(types: dict[str, str], default: str) -> TypeChooser:
     return choose
 
 
-def write_gguf(model_dir: str | Path, out: str | Path, types: TypeChooser, seed: int = 0) -> Path:
-    """Write `model_dir` (config.json, model.safetensors, tokenizer.json) as the GGUF file `out`.
-    llama.cpp writes Mistral as `llama` and says which in `general.name`, as here."""
+def write_gguf(model_dir: str | Path, out: str | Path, types: TypeChooser, seed: int = 0,
+               extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write `model_dir` (config.json, model.safetensors, tokenizer.json) as the GGUF file `out`,
+    plus the F32 tensors `extra`. llama.cpp writes Mistral as `llama` and says which in
+    `general.name`, as here."""
     import gguf
 
     model_dir, out = Path(model_dir), Path(out)
@@ -93,6 +95,8 @@ def write_gguf(model_dir: str | Path, out: str | Path, types: TypeChooser, seed:
             array = llama_permute(array, heads, heads if "attn_q" in target else config["num_key_value_heads"])
         kind = getattr(gguf.GGMLQuantizationType, types(target, array.shape))
         writer.add_tensor(target, _encode(array, kind, rng), raw_dtype=kind)
+    for target, array in (extra or {}).items():
+        writer.add_tensor(target, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -88,7 +88,8 @@ def test_logits_and_greedy_tokens_match_transformers(gguf_file, arch, types):
     file = gguf_file(arch, types)
     loaded = load_quantized(str(file))
     stored = GGUFCheckpoint.open(file).tensor_types
-    assert loaded.quantization.startswith(f"gguf {file} ({arch}; ") and "dequantized to torch.float32" in loaded.quantization
+    assert loaded.quantization.startswith(f"gguf {file} ({arch}; ")
+    assert loaded.quantization.endswith(") dequantized to torch.float32 at load")
     assert all(f"{name} x{count}" in loaded.quantization for name, count in stored.items())
     reference = hf_gguf_model(file)
     for tokens in PROMPTS:
@@ -138,6 +139,19 @@ def test_model_id_forms(gguf_file, tmp_path):
         GGUFCheckpoint.open(tmp_path / "b.gguf")
 
 
+def test_llama3_rope_freqs_are_ignored_as_transformers_does_and_strange_tensors_refused(tiny_llama, tmp_path):
+    (tmp_path / "rope").mkdir()
+    file = write_gguf(tiny_llama, tmp_path / "rope" / "r.gguf", one_type("F16"),
+                      extra={"rope_freqs.weight": np.full(8, 2.0, dtype=np.float32)})
+    expected = hf_logits(hf_gguf_model(file), PROMPTS[0])
+    assert torch.allclose(prefill_logits(load_quantized(str(file)).model, PROMPTS[0]), expected, atol=ATOL)
+    (tmp_path / "odd").mkdir()
+    file = write_gguf(tiny_llama, tmp_path / "odd" / "o.gguf", one_type("F16"),
+                      extra={"blk.0.attn_sinks.weight": np.zeros(4, dtype=np.float32)})
+    with pytest.raises(ModelFilesError, match="'blk.0.attn_sinks.weight' has no counterpart in LlamaForCausalLM"):
+        load_quantized(str(file))
+
+
 def _odd_gguf(path: Path, arch: str, kind: str) -> Path:
     """A minimal file with one 2-D tensor of `kind` (random blocks)."""
     import gguf
@@ -181,8 +195,9 @@ def test_served_over_http(gguf_file):
     engine = make_engine(str(file))
     running = start_server(engine)
     try:
-        r = httpx.post(running.base_url + "/generate", timeout=60, json={
-            "inputs": "def fib(n):", "parameters": {"max_new_tokens": 8, "details": True, "decoder_input_details": True}})
+        parameters = {"max_new_tokens": 8, "details": True, "decoder_input_details": True}
+        r = httpx.post(running.base_url + "/generate", json={"inputs": "def fib(n):", "parameters": parameters},
+                       timeout=60)
     finally:
         running.stop()
         engine.shutdown()
@@ -193,4 +208,5 @@ def test_served_over_http(gguf_file):
     steps = details["generated_tokens"]
     assert [token["id"] for token in details["tokens"]] == hf_greedy(hf_gguf_model(file), prompt, 8)[:steps]
     startup = budget_lines(engine)[0]  # the line `textgen serve` prints
-    assert f"quantization: gguf {file} (llama; Q6_K x7, Q4_K x9, F32 x5) dequantized to torch.float32 at load" in startup
+    assert f"quantization: gguf {file} (llama; Q6_K x7, Q4_K x9, F32 x5) dequantized to torch.float32 at load" \
+        in startup
