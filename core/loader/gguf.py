@@ -13,10 +13,11 @@ the memory-mapped file, dequantized to float32 with `gguf.quants.dequantize` (th
 transformers uses), renamed from llama.cpp's names (`blk.0.attn_q.weight`) to the Hugging Face
 ones with llama.cpp's own name table (the map transformers builds), with llama.cpp's rotary
 permutation of the Q and K rows undone by transformers' tensor processor, and handed to the
-model's per-parameter loaders, which cast to the model dtype. Nothing stays quantized: textgen's
-packed kernels take per-channel int8 or int4 with one scale and zero per group, while GGUF blocks
-carry fp16 block scales (Q8_0), 6-bit sub-block scales and mins (K-quants) or 6-bit values
-(Q6_K); `--quantize int8|int4` can re-quantize the dequantized weights.
+model's per-parameter loaders, which cast to the model dtype. One exception: a file whose projections are all Q4_0
+keeps them 4-bit through the `gptq` method (`loader.gguf_q4_0`: exact), when the backend offers it
+and `--quantize` is not given. Other types have no exact textgen kernel: the int8 kernel takes one
+scale per row where Q8_0 has one per 32 values, K-quants carry 6-bit sub-block scales and
+minimums, Q6_K 6-bit values; `--quantize int8|int4` can re-quantize the dequantized weights.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from textgen.core.engine.sizing import ConfigError
 from textgen.core.loader.files import ModelFilesError
+from textgen.core.loader.gguf_q4_0 import GPTQ_CONFIG, all_projections_q4_0, gptq_tensors, is_projection
 
 if TYPE_CHECKING:
     import torch
@@ -89,10 +91,13 @@ class GGUFCheckpoint:
     architecture: str
     tensor_types: dict[str, int]  # ggml type name -> number of tensors, in file order
     reader: Any = field(repr=False, compare=False)  # gguf.GGUFReader: parsing the header takes seconds
+    keep_q4_0: bool = False  # projections stay 4-bit (gptq); see loader.gguf_q4_0
 
     @classmethod
-    def open(cls, file: Path) -> GGUFCheckpoint:
-        """Read the header; raises GGUFError for an architecture or tensor type not served."""
+    def open(cls, file: Path, keep_q4_0: bool = False) -> GGUFCheckpoint:
+        """Read the header; raises GGUFError for an architecture or tensor type not served.
+        `keep_q4_0`: keep Q4_0 projections 4-bit if they all are (the caller knows whether the
+        backend offers gptq)."""
         reader = _reader(file)
         arch_field = reader.fields.get("general.architecture")
         architecture = arch_field.contents() if arch_field is not None else "none"
@@ -100,7 +105,8 @@ class GGUFCheckpoint:
         reasons = checkpoint_reasons(architecture, types)
         if reasons:
             raise GGUFError(f"cannot serve the GGUF file {file}: " + "; ".join(reasons))
-        return cls(file, architecture, types, reader)
+        keep = keep_q4_0 and all_projections_q4_0({t.name: t.tensor_type.name for t in reader.tensors})
+        return cls(file, architecture, types, reader, keep)
 
     def hf_config(self) -> Any:
         """transformers' config for the file (its GGUF metadata mapping), with `architectures` set."""
@@ -109,10 +115,13 @@ class GGUFCheckpoint:
 
         config = AutoConfig.from_pretrained(str(self.file.parent), gguf_file=self.file.name)
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        if self.keep_q4_0:
+            config.quantization_config = dict(GPTQ_CONFIG)
         return config
 
     def weights(self, hf_config: Any, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, float32 tensor) for every tensor, dequantized one at a time."""
+        """(Hugging Face name, float32 tensor) for every tensor, dequantized one at a time; kept
+        Q4_0 projections as their four GPTQ tensors instead."""
         import numpy as np
         import torch
         from gguf import dequantize
@@ -133,6 +142,10 @@ class GGUFCheckpoint:
                 if tensor.name not in names:
                     raise ModelFilesError(f"{self.file}: tensor {tensor.name!r} has no counterpart in "
                                           f"{hf_config.architectures[0]}")
+                if self.keep_q4_0 and is_projection(tensor.name):  # rows un-permuted as whole blocks
+                    blocks = processor.process(weights=np.array(tensor.data), name=tensor.name).weights
+                    yield from gptq_tensors(names[tensor.name].removesuffix(".weight"), blocks)
+                    continue
                 values = dequantize(tensor.data, tensor.tensor_type)
                 values = processor.process(weights=values, name=tensor.name).weights
                 # a copy: an F32 tensor's values are the read-only memory map
@@ -141,8 +154,11 @@ class GGUFCheckpoint:
     def describe(self, dtype: torch.dtype, quantization: str) -> str:
         """The start-up description: file, tensor types, what was done with them."""
         types = ", ".join(f"{name} x{count}" for name, count in self.tensor_types.items())
+        head = f"gguf {self.file} ({self.architecture}; {types})"
+        if self.keep_q4_0:
+            return f"{head} Q4_0 projections kept 4-bit as {quantization}, the rest dequantized to {dtype} at load"
         then = "" if quantization == "none" else f", then {quantization}"
-        return f"gguf {self.file} ({self.architecture}; {types}) dequantized to {dtype} at load{then}"
+        return f"{head} dequantized to {dtype} at load{then}"
 
 
 def checkpoint_reasons(architecture: str, tensor_types: dict[str, int]) -> list[str]:

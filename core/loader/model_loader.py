@@ -46,14 +46,15 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     `loader.gguf`) gives its config and weights from the file instead."""
     from transformers import AutoConfig
 
+    registry = QuantizerRegistry.build(backend.name, quantizers or [])
     gguf_file = find_gguf_file(config.model_id, config.revision)
-    gguf = GGUFCheckpoint.open(gguf_file) if gguf_file is not None else None
+    keep_q4_0 = config.quantize is None and "gptq" in registry.infos
+    gguf = GGUFCheckpoint.open(gguf_file, keep_q4_0) if gguf_file is not None else None
     path = gguf_file or resolve_model_path(config.model_id, config.revision)
     hf_config = (gguf.hf_config() if gguf is not None
                  else AutoConfig.from_pretrained(str(path), trust_remote_code=config.trust_remote_code))
     model_cls = resolve_model_class(hf_config, extra_architectures)
     dtype = resolve_dtype(config.dtype, hf_config, backend)
-    registry = QuantizerRegistry.build(backend.name, quantizers or [])
     quantizer = select_quantizer(config.quantize, hf_config, registry, backend, dtype)
     build = ModelBuildContext(dtype, backend.device, quantizer)
     with _building_on(backend.device, dtype):

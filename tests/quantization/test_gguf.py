@@ -89,7 +89,8 @@ def test_logits_and_greedy_tokens_match_transformers(gguf_file, arch, types):
     loaded = load_quantized(str(file))
     stored = GGUFCheckpoint.open(file).tensor_types
     assert loaded.quantization.startswith(f"gguf {file} ({arch}; ")
-    assert loaded.quantization.endswith(") dequantized to torch.float32 at load")
+    kept = "Q4_0 projections kept 4-bit as gptq 4-bit group 32 (kernels: " in loaded.quantization
+    assert kept == (types == "Q4_0") and loaded.quantization.endswith(" dequantized to torch.float32 at load")
     assert all(f"{name} x{count}" in loaded.quantization for name, count in stored.items())
     reference = hf_gguf_model(file)
     for tokens in PROMPTS:
@@ -97,6 +98,26 @@ def test_logits_and_greedy_tokens_match_transformers(gguf_file, arch, types):
         assert torch.allclose(got, expected, atol=ATOL), (got - expected).abs().max()
     for prompt in PROMPTS:
         assert greedy(loaded.model, prompt, 6) == hf_greedy(reference, prompt, 6)
+
+
+def test_q4_0_projections_stay_4_bit_and_exact(gguf_file):
+    """Kept Q4_0 (gptq int4 kernel) against the same file dequantized (a backend without gptq)."""
+    from textgen.core.engine.model_runner import bind_attention
+    from textgen.core.loader import load_model
+    from textgen.testing.paged_model import CPU_KERNEL, cpu_backend
+
+    file = gguf_file("llama", "Q4_0")
+    kept = load_quantized(str(file))
+    config = EngineConfig(model_id=str(file), dtype="float32", block_size=16)
+    dequantized = load_model(config, cpu_backend(), quantizers=[])
+    bind_attention(dequantized.model, [CPU_KERNEL], config)
+    assert dequantized.quantization == f"gguf {file} (llama; Q4_0 x16, F32 x5) dequantized to torch.float32 at load"
+    assert kept.quantization.startswith(f"gguf {file} (llama; Q4_0 x16, F32 x5) Q4_0 projections kept 4-bit as gptq")
+    for tokens in PROMPTS:
+        expected = prefill_logits(dequantized.model, tokens)
+        assert torch.allclose(prefill_logits(kept.model, tokens), expected, atol=1e-5)
+    assert greedy(kept.model, PROMPTS[0], 6) == greedy(dequantized.model, PROMPTS[0], 6)
+    assert kept.weight_bytes < dequantized.weight_bytes
 
 
 def test_the_file_really_is_quantized(gguf_file, tiny_llama):
