@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from textgen.core.attention import StepLimits
@@ -76,6 +77,10 @@ def step_limits(config: EngineConfig, graphs: DecodeGraphs | None) -> StepLimits
 def load_tokenizer(config: EngineConfig, model_path: Any) -> Any:
     from transformers import AutoTokenizer
 
+    if config.tokenizer_id is None and str(model_path).endswith(".gguf"):
+        from textgen.core.loader.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(Path(model_path))
     source = config.tokenizer_id or str(model_path)
     return AutoTokenizer.from_pretrained(source, revision=config.revision if not config.tokenizer_id else None,
                                          trust_remote_code=config.trust_remote_code)

@@ -11,6 +11,7 @@ import torch
 from textgen.core.loader.dtype import resolve_dtype
 from textgen.core.loader.dummy import fill_dummy_weights
 from textgen.core.loader.files import iterate_safetensors, resolve_model_path
+from textgen.core.loader.gguf import GGUFCheckpoint, find_gguf_file
 from textgen.core.models.base import ModelBuildContext
 from textgen.core.models.registry import resolve_model_class
 from textgen.core.quantization import QuantizerRegistry, select_quantizer
@@ -41,14 +42,19 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     built-in ones), choose the quantization method among `quantizers` (what the backend's
     `textgen_quantizers` offered), build the model on `backend.device` in the resolved dtype,
     then load the safetensors weights (or random ones for `load_format="dummy"`), check all were
-    filled, and let each layer repack them (`process_after_loading`)."""
+    filled, and let each layer repack them (`process_after_loading`). A GGUF model (see
+    `loader.gguf`) gives its config and weights from the file instead."""
     from transformers import AutoConfig
 
-    path = resolve_model_path(config.model_id, config.revision)
-    hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
+    registry = QuantizerRegistry.build(backend.name, quantizers or [])
+    gguf_file = find_gguf_file(config.model_id, config.revision)
+    keep_q4_0 = config.quantize is None and "gptq" in registry.infos
+    gguf = GGUFCheckpoint.open(gguf_file, keep_q4_0) if gguf_file is not None else None
+    path = gguf_file or resolve_model_path(config.model_id, config.revision)
+    hf_config = (gguf.hf_config() if gguf is not None
+                 else AutoConfig.from_pretrained(str(path), trust_remote_code=config.trust_remote_code))
     model_cls = resolve_model_class(hf_config, extra_architectures)
     dtype = resolve_dtype(config.dtype, hf_config, backend)
-    registry = QuantizerRegistry.build(backend.name, quantizers or [])
     quantizer = select_quantizer(config.quantize, hf_config, registry, backend, dtype)
     build = ModelBuildContext(dtype, backend.device, quantizer)
     with _building_on(backend.device, dtype):
@@ -56,12 +62,15 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     if config.load_format == "dummy":
         fill_dummy_weights(model, hf_config, config.seed)
     elif config.load_format in ("auto", "safetensors"):
-        _check_all_loaded(model, model.load_weights(iterate_safetensors(path)))
+        weights = gguf.weights(hf_config) if gguf is not None else iterate_safetensors(path)
+        _check_all_loaded(model, model.load_weights(weights))
     else:
         raise ValueError(f"unknown load_format {config.load_format!r}: use auto, safetensors or dummy")
     _process_after_loading(model)
     _attach_communicator(model, backend)
     described = quantizer.describe() if quantizer is not None else "none"
+    if gguf is not None:
+        described = gguf.describe(dtype, described)
     return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model))
 
 
