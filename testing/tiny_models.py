@@ -93,6 +93,12 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
                                      "moe_intermediate_size": 32, "norm_topk_prob": True,
                                      "initializer_range": 0.1}),
+    # no native module: served through the transformers fallback
+    "olmo": ("OlmoConfig", {"clip_qkv": 2.0}),
+    "helium": ("HeliumConfig", {"head_dim": 16}),
+    "glm": ("GlmConfig", {"head_dim": 16, "partial_rotary_factor": 0.5}),
+    "exaone4": ("Exaone4Config", {"sliding_window": 8, "layer_types": _LAYER_PAIR}),
+    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0], "layer_types": ["full_attention"] * 2}),
 }
 _ORIGINAL = ("llama", "mistral", "qwen2")
 
