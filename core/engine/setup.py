@@ -14,6 +14,7 @@ from textgen.core.engine.model_runner import ModelRunner
 from textgen.core.engine.sizing import ConfigError, derive_budgets, model_max_length, plan_kv_cache
 from textgen.core.graphs import DecodeGraphs, decode_graphs
 from textgen.core.kv_cache.manager import releasable_window
+from textgen.core.seq2seq.setup import build_seq2seq_parts, seq2seq_config
 
 log = logging.getLogger("textgen.engine")
 
@@ -42,6 +43,9 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     reasons = _flatten(pm.hook.textgen_configure(config=config, backend=backend))
     if reasons:
         raise ConfigError(f"backend '{backend.name}' cannot run this configuration: " + "; ".join(reasons))
+    seq2seq = seq2seq_config(config)
+    if seq2seq is not None:  # encoder-decoder: the seq2seq runner instead of the paged one
+        return build_seq2seq_parts(config, backend, *seq2seq)
     attention_infos = _flatten(pm.hook.textgen_attention_backends(backend=backend))
     architectures: dict[str, str] = {}
     for extra in pm.hook.textgen_model_architectures():
