@@ -103,6 +103,8 @@ def _check_call(spec: AttentionSpec, kwargs: dict[str, Any]) -> None:
     if (kwargs.get("sliding_window") or None) != spec.sliding_window:
         raise RuntimeError(f"sliding window changed after the probe: {kwargs.get('sliding_window')} vs "
                            f"{spec.sliding_window}")
+    if (kwargs.get("softcap") or None) != spec.logits_soft_cap:
+        raise RuntimeError(f"soft-cap changed after the probe: {kwargs.get('softcap')} vs {spec.logits_soft_cap}")
 
 
 def call_reasons(num_heads: int, query: torch.Size, key: torch.Size, value: torch.Size,
