@@ -24,8 +24,11 @@ def seq2seq_config(config: EngineConfig) -> tuple[Any, Path] | None:
     from textgen.core.loader.files import resolve_model_path
     from textgen.core.seq2seq.runner import is_encoder_decoder
 
-    path = resolve_model_path(config.model_id, config.revision)
-    hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
+    try:
+        path = resolve_model_path(config.model_id, config.revision)
+        hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
+    except Exception:  # noqa: BLE001 - not a plain HF folder (e.g. GGUF): the causal loader decides and reports
+        return None
     return (hf_config, path) if is_encoder_decoder(hf_config) else None
 
 
