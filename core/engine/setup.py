@@ -14,6 +14,8 @@ from textgen.core.engine.memory import describe_profile, profile_memory
 from textgen.core.engine.model_runner import ModelRunner
 from textgen.core.engine.sizing import ConfigError, derive_budgets, model_max_length, plan_kv_cache
 from textgen.core.graphs import DecodeGraphs, decode_graphs
+from textgen.core.kv_cache.manager import releasable_window
+from textgen.core.seq2seq.setup import build_seq2seq_parts, seq2seq_config
 
 log = logging.getLogger("textgen.engine")
 
@@ -42,6 +44,9 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     reasons = _flatten(pm.hook.textgen_configure(config=config, backend=backend))
     if reasons:
         raise ConfigError(f"backend '{backend.name}' cannot run this configuration: " + "; ".join(reasons))
+    seq2seq = seq2seq_config(config)
+    if seq2seq is not None:  # encoder-decoder: the seq2seq runner instead of the paged one
+        return build_seq2seq_parts(config, backend, *seq2seq)
     attention_infos = _flatten(pm.hook.textgen_attention_backends(backend=backend))
     architectures: dict[str, str] = {}
     for extra in pm.hook.textgen_model_architectures():
@@ -62,7 +67,7 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     if graphs is not None:
         runner.capture_graphs(graphs)
     lines.append(graphs.describe() if graphs is not None else graph_line)
-    scheduler = _build_scheduler(config, plan.num_blocks)
+    scheduler = _build_scheduler(config, plan.num_blocks, releasable_window(runner.attention_specs()))
     return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(runner.hf_config, tokenizer, runner.model_path), lines)
 
 
@@ -107,11 +112,11 @@ def _as_set(value: Any) -> set[int]:
     return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
 
 
-def _build_scheduler(config: EngineConfig, num_blocks: int) -> Any:
+def _build_scheduler(config: EngineConfig, num_blocks: int, sliding_window: int | None = None) -> Any:
     from textgen.core.scheduler import Scheduler, SchedulerConfig
 
     return Scheduler(SchedulerConfig(
         max_batch_prefill_tokens=config.max_batch_prefill_tokens, max_batch_size=config.max_batch_size,
         max_model_len=config.max_total_tokens, block_size=config.block_size, num_blocks=num_blocks,
-        enable_prefix_caching=config.enable_prefix_caching,
+        enable_prefix_caching=config.enable_prefix_caching, sliding_window=sliding_window,
     ))

@@ -41,7 +41,11 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: y = (x / rms(x)) * (1 + weight), all in float32, cast back at the end
-    (the checkpoint stores weight - 1; transformers initialises it to zeros)."""
+    (the checkpoint stores weight - 1; built as zeros, the identity, as transformers builds it)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__(hidden_size, eps, dtype)
+        self.weight.data.zero_()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()

@@ -13,7 +13,7 @@ from textgen.core.loader.dummy import fill_dummy_weights
 from textgen.core.loader.files import iterate_safetensors, resolve_model_path
 from textgen.core.loader.gguf import GGUFCheckpoint, find_gguf_file
 from textgen.core.models.base import ModelBuildContext
-from textgen.core.models.registry import resolve_model_class
+from textgen.core.models.registry import model_path_name, resolve_model_class
 from textgen.core.quantization import QuantizerRegistry, select_quantizer
 
 if TYPE_CHECKING:
@@ -31,9 +31,11 @@ class LoadedModel:
     path: Path
     quantization: str = "none"  # the method's description, for startup lines and /info
     weight_bytes: int = 0  # parameters and buffers after process_after_loading
+    model_path: str = "native"  # or "transformers fallback" (`registry.model_path_name`)
 
     def describe_weights(self) -> str:
-        return f"weights {self.weight_bytes / 2**20:.1f} MiB, quantization: {self.quantization}"
+        return (f"model path: {self.model_path}; weights {self.weight_bytes / 2**20:.1f} MiB, "
+                f"quantization: {self.quantization}")
 
 
 def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict[str, str] | None = None,
@@ -71,7 +73,8 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     described = quantizer.describe() if quantizer is not None else "none"
     if gguf is not None:
         described = gguf.describe(dtype, described)
-    return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model))
+    return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model),
+                       model_path_name(model_cls))
 
 
 def _attach_communicator(model: torch.nn.Module, backend: Backend) -> None:

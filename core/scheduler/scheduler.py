@@ -32,6 +32,7 @@ class SchedulerConfig:
     block_size: int
     num_blocks: int
     enable_prefix_caching: bool = True
+    sliding_window: int | None = None  # every layer's window (KVCacheManager releases blocks behind it)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_prefill_tokens", "max_model_len", "block_size", "num_blocks"):
@@ -46,7 +47,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager | None = None) -> None:
         self.config = config
         self.kv_manager = kv_manager or KVCacheManager(config.num_blocks, config.block_size,
-                                                       config.enable_prefix_caching)
+                                                       config.enable_prefix_caching, config.sliding_window)
         self.waiting: list[Request] = []  # sorted by _waiting_key
         self.running: list[Request] = []  # sorted by _running_key: the last is preempted first
         self._requests: dict[str, Request] = {}  # unfinished
