@@ -56,7 +56,10 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     if config.load_format == "dummy":
         fill_dummy_weights(model, hf_config, config.seed)
     elif config.load_format in ("auto", "safetensors"):
-        _check_all_loaded(model, model.load_weights(iterate_safetensors(path)))
+        tensors = iterate_safetensors(path)
+        if quantizer is not None:
+            tensors = quantizer.rename_checkpoint_tensors(tensors)
+        _check_all_loaded(model, model.load_weights(tensors))
     else:
         raise ValueError(f"unknown load_format {config.load_format!r}: use auto, safetensors or dummy")
     _process_after_loading(model)

@@ -10,6 +10,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "fp8": f"{_Q}.fp8:Fp8",
     "gptq": f"{_Q}.gptq:GPTQ",
     "awq": f"{_Q}.gptq:AWQ",
+    "bitsandbytes": f"{_Q}.bitsandbytes:BitsAndBytes",
 }
 
 
