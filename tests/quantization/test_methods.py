@@ -27,7 +27,7 @@ def test_cpu_kernels_compute_the_dequantized_weight(dtype, rows):
     """Both paths (packed kernel up to MAX_PACKED_ROWS, dequantize + GEMM above) against x @ W.T
     of the dequantized weight in float64; tolerance: one activation-dtype rounding of the output."""
     gen = torch.Generator().manual_seed(rows)
-    weight, x = torch.randn(96, 256, generator=gen) * 0.05, torch.randn(rows, 256, generator=gen).to(dtype)
+    weight, x = torch.randn(128, 256, generator=gen) * 0.05, torch.randn(rows, 256, generator=gen).to(dtype)
     atol = 1e-4 if dtype == torch.float32 else 3e-2
     codes, scales, zeros = quantize_int4_groups(weight, 64)
     layer = _layer(dtype)
