@@ -11,6 +11,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "gptq": f"{_Q}.gptq:GPTQ",
     "awq": f"{_Q}.gptq:AWQ",
     "bitsandbytes": f"{_Q}.bitsandbytes:BitsAndBytes",
+    "compressed-tensors": f"{_Q}.compressed_tensors:CompressedTensors",
 }
 
 

@@ -103,7 +103,7 @@ def test_unknown_method_and_bad_shapes_are_one_line_errors(tiny_llama, tmp_path)
     (unknown / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "hqq"}}))
     with pytest.raises(QuantizationError, match=r"^quantization 'hqq' \(the checkpoint's quantization_config\) "
                                                 r"cannot run on backend 'cpu': backend 'cpu' does not offer it "
-                                                r"\(methods it runs: awq, bitsandbytes, fp8, gptq, int4, int8\)$"):
+                                                r"\(methods it runs: awq, bitsandbytes, compressed-tensors, fp8, gptq, int4, int8\)$"):
         load_quantized(str(unknown))
     with pytest.raises(QuantizationError, match="already quantized with 'hqq'; --quantize int8 cannot re-quantize"):
         load_quantized(str(unknown), "int8")
