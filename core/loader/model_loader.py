@@ -29,6 +29,7 @@ class LoadedModel:
     dtype: torch.dtype
     path: Path
     quantization: str = "none"  # the method's description, for startup lines and /info
+    method: str | None = None  # TGI's --quantize name: the flag, else the checkpoint's quant_method
     weight_bytes: int = 0  # parameters and buffers after process_after_loading
 
     def describe_weights(self) -> str:
@@ -65,7 +66,8 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     _process_after_loading(model)
     _attach_communicator(model, backend)
     described = quantizer.describe() if quantizer is not None else "none"
-    return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model))
+    method = (config.quantize or quantizer.name) if quantizer is not None else None
+    return LoadedModel(model.eval(), hf_config, dtype, path, described, method, weight_bytes(model))
 
 
 def _attach_communicator(model: torch.nn.Module, backend: Backend) -> None:

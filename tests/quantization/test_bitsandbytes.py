@@ -71,7 +71,7 @@ def saved(tiny_llama, tmp_path_factory):
 def test_saved_checkpoint_matches_transformers(saved, tiny_llama, name):
     loaded = load_quantized(saved[name])
     assert loaded.quantization.startswith("bitsandbytes " + ("LLM.int8" if name == "int8" else "4-bit"))
-    assert "from the checkpoint" in loaded.quantization
+    assert "from the checkpoint" in loaded.quantization and loaded.method == "bitsandbytes"
     assert loaded.weight_bytes < load_quantized(tiny_llama).weight_bytes
     hf = AutoModelForCausalLM.from_pretrained(saved[name], device_map="cpu", dtype=torch.float32).eval()
     assert_same_model(loaded.model, hf)
@@ -81,7 +81,7 @@ def test_saved_checkpoint_matches_transformers(saved, tiny_llama, name):
 def test_on_the_fly_matches_transformers_and_stays_close(tiny_llama, flag):
     config, bound = FLAGS[flag]
     loaded = load_quantized(tiny_llama, flag)
-    assert "quantized while loading" in loaded.quantization
+    assert "quantized while loading" in loaded.quantization and loaded.method == flag
     assert_same_model(loaded.model, hf_bnb(tiny_llama, config))
     plain = load_quantized(tiny_llama).model
     error = max((prefill_logits(loaded.model, p) - prefill_logits(plain, p)).abs().max() for p in PROMPTS)

@@ -55,6 +55,7 @@ def test_checkpoint_matches_transformers(tiny_llama, tmp_path, name):
     path = write_compressed_tensors(tiny_llama, tmp_path / name, preset, fmt, **extra)
     loaded = load_quantized(str(path))
     assert loaded.quantization.startswith(f"compressed-tensors {described}")
+    assert loaded.method == "compressed-tensors"
     assert loaded.weight_bytes < load_quantized(tiny_llama).weight_bytes
     hf = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float32).eval()
     plain = load_quantized(tiny_llama).model
