@@ -185,7 +185,8 @@ def _w8a8_linear(x: torch.Tensor, codes_t: torch.Tensor, scales: torch.Tensor,
     flat = x.reshape(-1, x.shape[-1])
     token_scales = (flat.abs().amax(-1, keepdim=True) / INT8_ACTIVATION_RANGE).clamp(min=torch.finfo(x.dtype).tiny)
     q = torch.round(flat / token_scales).clamp(-128, 127).to(torch.int8)
-    acc = torch._int_mm(q, codes_t) if flat.device.type in ("cpu", "cuda") else q.int() @ codes_t.int()
+    # torch._int_mm: any M on CPU; CUDA wants M > 16, so elsewhere the int8 values go through a float GEMM
+    acc = torch._int_mm(q, codes_t) if flat.device.type == "cpu" else q.float() @ codes_t.float()
     out = (acc.float() * token_scales.float() * scales.float()).to(x.dtype)
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias
