@@ -64,6 +64,10 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     else:
         raise ValueError(f"unknown load_format {config.load_format!r}: use auto, safetensors or dummy")
     _process_after_loading(model)
+    if quantizer is not None and quantizer.quantizes_vocab:
+        from textgen.core.quantization.vocab import quantize_vocab_int8
+
+        quantize_vocab_int8(model, quantizer.kernels)
     _attach_communicator(model, backend)
     described = quantizer.describe() if quantizer is not None else "none"
     method = (config.quantize or quantizer.name) if quantizer is not None else None

@@ -65,6 +65,7 @@ class Quantizer(ABC):
     `textgen.core.quantization.selection`); one instance serves every layer of one model."""
 
     name: ClassVar[str]
+    quantizes_vocab: ClassVar[bool] = False  # the LM head (and a tied embedding) too: core/quantization/vocab.py
 
     def __init__(self, quant_config: dict[str, Any], kernels: WeightKernels) -> None:
         self.quant_config = quant_config

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.quantization.helpers import greedy, load_quantized, prefill_logits
+from tests.quantization.helpers import copy_dequantized, greedy, load_quantized, prefill_logits
 from textgen.core.layers.moe import FusedMoE
 from textgen.core.quantization import QuantizationError
-from textgen.core.quantization.moe import STACKED, Int8WeightOnlyMoE, UnquantizedMoE
+from textgen.core.quantization.moe import Int8WeightOnlyMoE, UnquantizedMoE
 
 PROMPT = [5, 17, 300, 41, 8, 99, 512, 3, 77, 250, 11, 600, 13, 14]
 
@@ -33,22 +33,9 @@ def test_int8_experts_in_a_tiny_mixtral(tiny_model_factory):
     error = (got - expected).abs().max()
     assert 0 < error < 0.03 * expected.abs().max(), error
     dequantized = load_quantized(path).model
-    _copy_dequantized(quantized.model, dequantized)
+    copy_dequantized(quantized.model, dequantized)
     assert (got - prefill_logits(dequantized, PROMPT)).abs().max() < 1e-4
     assert greedy(quantized.model, PROMPT, 6) == greedy(dequantized, PROMPT, 6)
-
-
-def _copy_dequantized(quantized: torch.nn.Module, plain: torch.nn.Module) -> None:
-    """plain's weights := quantized's int8 weights dequantized (experts and linear layers)."""
-    modules = dict(quantized.named_modules())
-    for name, module in plain.named_modules():
-        source = modules[name]
-        if isinstance(module, FusedMoE):
-            experts = [source.method.expert_weights(source, e, torch.float32) for e in range(source.num_experts)]
-            for index, stacked in enumerate(STACKED):
-                getattr(module, stacked).data.copy_(torch.stack([pair[index] for pair in experts]))
-        elif getattr(source, "quantizer", None) is not None:
-            module.weight.data.copy_(source.quantizer.kernels.dense_weight(source, torch.float32))
 
 
 def test_a_method_without_experts_is_refused(tiny_model_factory):
