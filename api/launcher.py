@@ -143,9 +143,11 @@ def listen_address(hostname: str) -> str:
 
 
 def model_line(o: Mapping[str, Any], engine: Any) -> str:
-    """What is being served, in one line: model, revision, backend, dtype, quantization."""
+    """What is being served, in one line: model, revision, backend, dtype, quantization method (the
+    flag's, else the checkpoint's) and the weights' size."""
     return (f"model {engine.model_id} revision {o['revision'] or 'default'} backend {engine.backend_name} "
-            f"device {engine.device} dtype {engine.dtype} quantize {o['quantize'] or 'none'}")
+            f"device {engine.device} dtype {engine.dtype} quantize {engine.quantize or 'none'} "
+            f"weights {engine.weight_bytes / 2**20:.1f} MiB")
 
 
 def budget_lines(engine: Any) -> list[str]:

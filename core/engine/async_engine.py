@@ -63,6 +63,8 @@ class AsyncEngine:
         self.dtype = str(core.runner.dtype)
         self.backend_name = core.backend.name
         self.device = str(core.backend.device)
+        loaded = core.runner.loaded
+        self.quantize, self.quantization, self.weight_bytes = loaded.method, loaded.quantization, loaded.weight_bytes
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:

@@ -30,6 +30,7 @@ class LoadedModel:
     dtype: torch.dtype
     path: Path
     quantization: str = "none"  # the method's description, for startup lines and /info
+    method: str | None = None  # TGI's --quantize name: the flag, else the checkpoint's quant_method
     weight_bytes: int = 0  # parameters and buffers after process_after_loading
     model_path: str = "native"  # or "transformers fallback" (`registry.model_path_name`)
 
@@ -64,16 +65,23 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     if config.load_format == "dummy":
         fill_dummy_weights(model, hf_config, config.seed)
     elif config.load_format in ("auto", "safetensors"):
-        weights = gguf.weights(hf_config) if gguf is not None else iterate_safetensors(path)
-        _check_all_loaded(model, model.load_weights(weights))
+        tensors = gguf.weights(hf_config) if gguf is not None else iterate_safetensors(path)
+        if quantizer is not None:
+            tensors = quantizer.rename_checkpoint_tensors(tensors)
+        _check_all_loaded(model, model.load_weights(tensors))
     else:
         raise ValueError(f"unknown load_format {config.load_format!r}: use auto, safetensors or dummy")
     _process_after_loading(model)
+    if quantizer is not None and quantizer.quantizes_vocab:
+        from textgen.core.quantization.vocab import quantize_vocab_int8
+
+        quantize_vocab_int8(model, quantizer.kernels)
     _attach_communicator(model, backend)
     described = quantizer.describe() if quantizer is not None else "none"
     if gguf is not None:
         described = gguf.describe(dtype, described)
-    return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model),
+    method = (config.quantize or quantizer.name) if quantizer is not None else None
+    return LoadedModel(model.eval(), hf_config, dtype, path, described, method, weight_bytes(model),
                        model_path_name(model_cls))
 
 

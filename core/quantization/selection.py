@@ -17,9 +17,12 @@ if TYPE_CHECKING:
 
 # TGI `--quantize` name -> (Hugging Face quant_method, the config it implies for a float checkpoint)
 FLAG_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "bitsandbytes": ("bitsandbytes", {"load_in_8bit": True}),
-    "bitsandbytes-nf4": ("bitsandbytes", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
-    "bitsandbytes-fp4": ("bitsandbytes", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}),
+    # TGI's bnb layers: LLM.int8 with outlier threshold 6.0; 4-bit with compressed statistics
+    "bitsandbytes": ("bitsandbytes", {"load_in_8bit": True, "llm_int8_threshold": 6.0}),
+    "bitsandbytes-nf4": ("bitsandbytes", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                          "bnb_4bit_use_double_quant": True}),
+    "bitsandbytes-fp4": ("bitsandbytes", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
+                                          "bnb_4bit_use_double_quant": True}),
     "int8": ("int8", {}),
     "int4": ("int4", {"group_size": 128}),
 }
