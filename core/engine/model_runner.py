@@ -20,6 +20,7 @@ from textgen.core.attention_selection import KernelChoice, negotiate
 from textgen.core.engine.step_inputs import StepBuffers, ZeroTokenRow
 from textgen.core.forward_context import ForwardContext, StepTensors
 from textgen.core.loader.dtype import resolve_kv_cache_dtype
+from textgen.core.lora.manager import build_lora_manager
 from textgen.core.registry import AttentionBackendInfo
 from textgen.core.sampling import Sampler, SamplingBatch, compute_prompt_logprobs
 
@@ -60,6 +61,7 @@ class ModelRunner:
         self.model, self.hf_config, self.dtype, self.model_path = loaded.model, loaded.hf_config, loaded.dtype, loaded.path
         self.kernel = bind_attention(self.model, attention_infos, config)
         self.attention_cls = self.kernel.kernel_cls
+        self.lora = build_lora_manager(config, self.model, self.dtype, self.device)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.pad_slot = 0
@@ -133,16 +135,24 @@ class ModelRunner:
         """Run one step. `allowed_mask` (bool [S, V]) rows follow the order of the scheduled
         requests whose `sample` is True; disallowed tokens are never sampled (grammars)."""
         with self.backend.inference_mode():
-            hidden = self.forward_step(out.scheduled)
+            hidden = self._forward_with_lora(out) if self.lora is not None else self.forward_step(out.scheduled)
             query_lens = np.fromiter((s.num_new_tokens for s in out.scheduled), dtype=np.int64)
             starts = query_lens.cumsum() - query_lens
             prompt_lp = self._prompt_logprobs(out, hidden, starts, prompt_logprob_ids)
             sampled = self._sample(out, hidden, starts, rows, allowed_mask)
         return StepResult(sampled, prompt_lp)
 
+    def _forward_with_lora(self, out: SchedulerOutput) -> torch.Tensor:
+        """The step's forward with each token's LoRA adapter applied (eager: graphs hold no LoRA)."""
+        self.lora.begin_step(out)
+        try:
+            return self.forward_step(out.scheduled)
+        finally:
+            self.lora.end_step()
+
     def forward_step(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
         """Hidden states of the step's tokens, in order (graph-mode padding already dropped)."""
-        graphs = self.graphs
+        graphs = self.graphs if self.lora is None or not self.lora.step.active else None
         if graphs is not None:
             bucket = graphs.bucket_for(scheduled)
             if bucket is not None:

@@ -109,4 +109,5 @@ def _build_scheduler(config: EngineConfig, num_blocks: int) -> Any:
         max_batch_prefill_tokens=config.max_batch_prefill_tokens, max_batch_size=config.max_batch_size,
         max_model_len=config.max_total_tokens, block_size=config.block_size, num_blocks=num_blocks,
         enable_prefix_caching=config.enable_prefix_caching,
+        max_loras=config.max_loras if config.lora_adapters or config.enable_lora else None,
     ))
