@@ -30,6 +30,7 @@ def info(state: AppState) -> dict[str, object]:
         "max_batch_size": c.max_batch_size, "max_top_n_tokens": c.max_top_n_tokens,
         "waiting_served_ratio": c.waiting_served_ratio, "block_size": c.block_size,
         "prefix_caching": c.enable_prefix_caching,
+        "lora_adapters": state.validator.lora.names() if state.validator.lora is not None else [],
     }
 
 

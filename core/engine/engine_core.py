@@ -18,7 +18,7 @@ from textgen.core.engine.request_state import EventBuilder, RequestState, Sink, 
 from textgen.core.engine.setup import build_engine_parts
 from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from textgen.core.engine.types import EngineRequest, EngineStats, StepRecord
-from textgen.core.lora.manager import lora_reasons
+from textgen.core.lora import lora_reasons
 from textgen.core.sampling import sampling_param_reasons
 from textgen.core.scheduler import Request
 

@@ -16,8 +16,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -178,3 +180,18 @@ def _pairs(tensors: dict) -> dict:
     if missing:
         raise LoraError(f"LoRA adapter module {missing[0]} lacks its lora_A or lora_B weight")
     return {m: (ab["A"], ab["B"]) for m, ab in found.items()}
+
+
+class AdapterNames(Protocol):
+    def names(self) -> list[str]: ...
+
+
+def lora_reasons(manager: AdapterNames | None, adapter_id: str) -> list[str]:
+    """Why a request cannot use `adapter_id` (TGI-style wording, naming what is loaded), or []."""
+    if manager is None:
+        return [f"LoRA adapters are not enabled: `adapter_id` {adapter_id!r} cannot be served"]
+    names = manager.names()
+    if adapter_id in names:
+        return []
+    loaded = ", ".join(repr(n) for n in names) or "none"
+    return [f"unknown LoRA adapter {adapter_id!r} (loaded adapters: {loaded})"]

@@ -183,13 +183,3 @@ def build_lora_manager(config: EngineConfig, model: nn.Module, dtype: torch.dtyp
         manager.make_resident(spec.name, set())
     return manager
 
-
-def lora_reasons(manager: LoraManager | None, adapter_id: str) -> list[str]:
-    """Why a request cannot use `adapter_id` (TGI-style wording, naming what is loaded), or []."""
-    if manager is None:
-        return [f"LoRA adapters are not enabled: `adapter_id` {adapter_id!r} cannot be served"]
-    names = manager.names()
-    if adapter_id in names:
-        return []
-    loaded = ", ".join(repr(n) for n in names) or "none"
-    return [f"unknown LoRA adapter {adapter_id!r} (loaded adapters: {loaded})"]
