@@ -121,3 +121,21 @@ def test_metrics_report_max_loras(lora_server):
 def test_runtime_routes_need_the_flag(server):
     r = post(server, "/v1/load_lora_adapter", {"lora_name": "b", "lora_path": "/x"})
     assert r.status_code == 404
+
+
+def test_launcher_flags_reach_the_engine_config():
+    import argparse
+
+    from textgen.api.launcher import check_options, engine_config, server_settings
+    from textgen.api.launcher_flags import add_flags, resolve
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    args = parser.parse_args(["--model-id", "m", "--max-loras", "3", "--allow-runtime-lora-updating"])
+    o = resolve(args, {"LORA_ADAPTERS": "x=/p/x, org/repo@v1", "MAX_LORA_RANK": "32"})
+    assert check_options(o) == []
+    c = engine_config(o, args)
+    assert (c.lora_adapters, c.max_loras, c.max_lora_rank, c.enable_lora) == (("x=/p/x", "org/repo@v1"), 3, 32, True)
+    assert server_settings(o, type("E", (), {"device": "cpu"})()).allow_runtime_lora_updating is True
+    assert check_options(resolve(parser.parse_args([]), {"LORA_ADAPTERS": "a=/p,=x"}))[0] == \
+        "Invalid LoRA adapter format: =x"

@@ -155,3 +155,15 @@ def test_adapter_list_and_bad_adapters(tiny_llama, lora_adapters, tmp_path):
         engine(tiny_llama, {"b": lora_adapters["b"]}, max_lora_rank=4)
     with pytest.raises(LoraError, match="must hold adapter_config.json"):
         engine(tiny_llama, {"e": str(tmp_path)})
+
+
+def test_a_name_loaded_again_serves_its_new_weights_without_old_kv(tiny_llama, lora_adapters, references):
+    core = engine(tiny_llama, {"a": lora_adapters["a"]})
+    ids = prompt(17, 21)
+    (first,) = run(core, [(ids, "a")])
+    core.runner.lora.unregister("a")
+    core.runner.lora.register(AdapterSpec("a", lora_adapters["b"]))  # same name, b's weights
+    (second,) = run(core, [(ids, "a")])
+    assert second[-1].num_cached_tokens == 0
+    assert tokens(first) == greedy(references["a"][0], ids)
+    assert tokens(second) == greedy(references["b"][0], ids)
