@@ -51,6 +51,8 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     max_length = model_max_length(runner.hf_config, tokenizer)
     lines = [f"backend {backend.describe()}; dtype {runner.dtype}; {runner.loaded.describe_weights()}",
              *runner.kernel.describe()]
+    if runner.lora is not None:
+        lines.append(runner.lora.describe())
     profile = profile_memory(config, backend, runner, max_length)
     lines.append(describe_profile(profile))
     plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile)

@@ -111,6 +111,11 @@ class LoraManager:
         self.step.set(torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64),
                                               torch.tensor(lengths)).to(self.device))
 
+    def describe(self) -> str:
+        names = self.names()
+        return (f"LoRA: {len(names)} adapters ({', '.join(names) or 'none yet'}), {len(self._resident)} resident, "
+                f"max_loras {self.max_loras}, max_lora_rank {self.max_rank}")
+
     def end_step(self) -> None:
         self.step.set(None)
 

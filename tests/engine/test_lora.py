@@ -117,6 +117,7 @@ def test_lru_with_one_slot_serves_every_adapter_correctly(tiny_llama, lora_adapt
     core = engine(tiny_llama, lora_adapters, max_loras=1)
     lora = core.runner.lora
     assert lora.resident() == ["a"]
+    assert "LoRA: 2 adapters (a, b), 1 resident, max_loras 1, max_lora_rank 16" in core.startup_lines
     reqs = [(prompt(8, 11), "b"), (prompt(10, 12), "a"), (prompt(6, 13), None), (prompt(9, 14), "b")]
     core.add_request(EngineRequest("probe", prompt(5, 15), SamplingParams(max_new_tokens=3), adapter_id="a"),
                      lambda e: None)
