@@ -4,13 +4,14 @@ Each linear layer an adapter targets gets a `LoraLayer`: stacks of every residen
 B for each fused part (q/k/v of `qkv_proj`, gate/up of `gate_up_proj`, or the whole output),
 installed as a forward hook, so the layer itself (its weights, quantizer and loaders) is untouched.
 
-Layout (S slots, P parts, R = max rank; column c = (slot * P + part) * R + r):
-- `a` [in, S*P*R]: A_{slot,part}^T in its R columns (zero past the adapter's rank);
-- `b` [S*P*R, out]: scaling * B_{slot,part}^T in its R rows, in the part's output columns only.
-One step: y += ((x @ a) * mask) @ b, where `mask` [T, S*P*R] is 1 on the columns of each token's
-slot and 0 elsewhere (all 0 for a base-model token). Two dense matmuls for the whole batch:
-no per-request loop, one shape whatever the mix of adapters and ranks, and zero-padding to R makes
-different ranks exact. Its cost grows with S*P*R, small next to the layer's own in*out.
+Layout (S slots, P parts, R = max rank; column c = (part * S + slot) * R + r):
+- `a` [in, P*S*R]: A_{slot,part}^T in its R columns (zero past the adapter's rank);
+- `b{part}` [S*R, part size]: scaling * B_{slot,part}^T in its R rows.
+One step: h = (x @ a) * mask, where `mask` [T, P*S*R] is 1 on the columns of each token's slot
+and 0 elsewhere (all 0 for a base-model token); then each part's output gets h_part @ b_part.
+A handful of dense matmuls for the whole batch: no per-request loop, one shape whatever the mix
+of adapters and ranks, and zero-padding to R makes different ranks exact. The extra cost is
+T * (in * P + out) * S * R multiply-adds, small next to the layer's own T * in * out when S * R is.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class LoraStep:
         if mask is None:
             slots = self._slots
             onehot = slots[:, None] == torch.arange(self.num_slots, device=slots.device)  # [T, S]
-            mask = onehot[:, :, None].expand(-1, -1, parts * rank).reshape(len(slots), -1).to(dtype)
+            mask = onehot[:, None, :, None].expand(-1, parts, -1, rank).reshape(len(slots), -1).to(dtype)
             self._masks[key] = mask
         return mask
 
@@ -70,11 +71,16 @@ class LoraLayer(nn.Module):
                  device: torch.device) -> None:
         super().__init__()
         self.ranges = part_ranges(layer)
+        ends = [0] + [offset + size for offset, size in self.ranges.values()]
+        if [offset for offset, _ in self.ranges.values()] != ends[:-1] or ends[-1] != layer.out_features:
+            raise ValueError(f"the parts {self.ranges} do not tile the {layer.out_features} outputs in order")
         self.part_index = {sid: i for i, sid in enumerate(self.ranges)}
         self.step, self.rank, self.parts = step, max_rank, len(self.ranges)
-        width = step.num_slots * self.parts * max_rank
-        self.register_buffer("a", torch.zeros(layer.in_features, width, dtype=dtype, device=device))
-        self.register_buffer("b", torch.zeros(width, layer.out_features, dtype=dtype, device=device))
+        self.width = step.num_slots * max_rank  # columns of one part
+        self.register_buffer("a", torch.zeros(layer.in_features, self.parts * self.width, dtype=dtype, device=device))
+        self.b = [torch.zeros(self.width, size, dtype=dtype, device=device) for _, size in self.ranges.values()]
+        for i, b in enumerate(self.b):
+            self.register_buffer(f"b{i}", b)
         self._handle: RemovableHandle = layer.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
@@ -82,31 +88,33 @@ class LoraLayer(nn.Module):
             return output
         x = inputs[0]
         h = (x @ self.a) * self.step.mask(self.parts, self.rank, x.dtype)
-        return output + h @ self.b
-
-    def _columns(self, slot: int, shard_id: object) -> slice:
-        start = (slot * self.parts + self.part_index[shard_id]) * self.rank
-        return slice(start, start + self.rank)
+        if self.parts == 1:
+            return output + h @ self.b[0]
+        w = self.width
+        return output + torch.cat([h[:, i * w:(i + 1) * w] @ b for i, b in enumerate(self.b)], dim=-1)
 
     def set_part(self, slot: int, shard_id: object, a: torch.Tensor, b: torch.Tensor) -> None:
         """a [r, in], b [part size, r] (already scaled) for one part of one slot."""
         if shard_id not in self.ranges:
             raise KeyError(shard_id)
-        offset, size = self.ranges[shard_id]
+        size = self.ranges[shard_id][1]
         rank = a.shape[0]
         if a.shape[1] != self.a.shape[0] or b.shape != (size, rank):
             raise ValueError(f"LoRA weights A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a layer part of "
                              f"{self.a.shape[0]} inputs and {size} outputs")
-        cols = self._columns(slot, shard_id)
-        self.a[:, cols] = 0
-        self.b[cols] = 0
-        self.a[:, cols.start: cols.start + rank] = a.t().to(self.a.dtype)
-        self.b[cols.start: cols.start + rank, offset: offset + size] = b.t().to(self.b.dtype)
+        part = self.part_index[shard_id]
+        rows = slice(slot * self.rank, (slot + 1) * self.rank)  # this slot's rows of b[part]
+        start = part * self.width + rows.start  # and its columns of a
+        self.a[:, start: start + self.rank] = 0
+        self.b[part][rows] = 0
+        self.a[:, start: start + rank] = a.t().to(self.a.dtype)
+        self.b[part][rows.start: rows.start + rank] = b.t().to(self.a.dtype)
 
     def clear_slot(self, slot: int) -> None:
-        start, stop = slot * self.parts * self.rank, (slot + 1) * self.parts * self.rank
-        self.a[:, start:stop] = 0
-        self.b[start:stop] = 0
+        rows = slice(slot * self.rank, (slot + 1) * self.rank)
+        for part, b in enumerate(self.b):
+            self.a[:, part * self.width + rows.start: part * self.width + rows.stop] = 0
+            b[rows] = 0
 
     def remove(self) -> None:
         self._handle.remove()
