@@ -4,17 +4,19 @@ Each linear layer an adapter targets gets a `LoraLayer`: stacks of every residen
 B for each fused part (q/k/v of `qkv_proj`, gate/up of `gate_up_proj`, or the whole output),
 installed as a forward hook, so the layer itself (its weights, quantizer and loaders) is untouched.
 
-Layout (S slots, P parts, R = max rank; column c = (part * S + slot) * R + r):
-- `a` [in, P*S*R]: A_{slot,part}^T in its R columns (zero past the adapter's rank);
-- `b{part}` [S*R, part size]: scaling * B_{slot,part}^T in its R rows.
-One step: h = (x @ a) * mask, where `mask` [T, P*S*R] is 1 on the columns of each token's slot
-and 0 elsewhere (all 0 for a base-model token); then each part's output gets h_part @ b_part.
-A handful of dense matmuls for the whole batch: no per-request loop, one shape whatever the mix
-of adapters and ranks, and zero-padding to R makes different ranks exact. The extra cost is
-T * (in * P + out) * S * R multiply-adds, small next to the layer's own T * in * out when S * R is.
+Layout (S slots, P parts, R = max rank): `a` [S, in, P*R] holds A_{slot,part}^T in columns
+part*R .. part*R + r (zero past the adapter's rank r); `b{part}` [S, R, part size] holds
+scaling * B_{slot,part}^T in its first r rows. Zero-padding to R makes different ranks exact.
+
+One step (segmented gather + bmm, SGMV-style, no per-request loop): `LoraStep` groups the step's
+adapter tokens by slot once per step (G groups of at most M tokens); each layer gathers its input
+rows into [G, M, in], runs one bmm against the groups' A and one per part against their B, and
+adds each token's row back (a base-model token gets a zero row). The cost is about
+T * (in * P + out) * R multiply-adds plus the padding of groups to M rows.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,33 +28,56 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
 
+@dataclass(frozen=True, slots=True)
+class LoraPlan:
+    """One step's token grouping. gather [G*M]: the token of each group row (padding rows read
+    token 0; their results are never used); scatter [T]: each token's row in the flattened
+    [G*M] results, G*M (an appended zero row) for base-model tokens; active [G]: the slots of the
+    groups, None when every slot has a group (in slot order)."""
+
+    groups: int
+    max_tokens: int
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    active: torch.Tensor | None
+
+
 class LoraStep:
-    """The current step's token -> slot assignment, shared by every LoraLayer of one model.
-    Set by the runner right before the forward and cleared right after (the forward hooks read
-    it; they have no other way to get per-step state without changing every model's signature)."""
+    """The current step's plan, shared by every LoraLayer of one model. Set by the runner right
+    before the forward and cleared right after (the forward hooks read it; they have no other way
+    to get per-step state without changing every model's signature)."""
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
-        self._slots: torch.Tensor | None = None
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.plan: LoraPlan | None = None
 
     @property
     def active(self) -> bool:
-        return self._slots is not None
+        return self.plan is not None
 
-    def set(self, token_slots: torch.Tensor | None) -> None:
-        """token_slots [T] int64: the slot of each token, -1 for the base model; None: no LoRA."""
-        self._slots, self._masks = token_slots, {}
+    def set(self, token_slots: torch.Tensor | None, device: torch.device | None = None) -> None:
+        """token_slots [T] int64 on the host: each token's slot, -1 for the base model; None: no LoRA."""
+        self.plan = None if token_slots is None else plan_groups(token_slots, self.num_slots, device)
 
-    def mask(self, parts: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        key = (parts, rank)
-        mask = self._masks.get(key)
-        if mask is None:
-            slots = self._slots
-            onehot = slots[:, None] == torch.arange(self.num_slots, device=slots.device)  # [T, S]
-            mask = onehot[:, None, :, None].expand(-1, parts, -1, rank).reshape(len(slots), -1).to(dtype)
-            self._masks[key] = mask
-        return mask
+
+def plan_groups(slots: torch.Tensor, num_slots: int, device: torch.device | None = None) -> LoraPlan | None:
+    tokens = torch.nonzero(slots >= 0).squeeze(1)
+    if len(tokens) == 0:
+        return None
+    active, counts = torch.unique(slots[tokens], return_counts=True)
+    groups, max_tokens = len(active), int(counts.max())
+    group_of_slot = torch.full((num_slots,), -1, dtype=torch.int64)
+    group_of_slot[active] = torch.arange(groups)
+    group = group_of_slot[slots[tokens]]
+    order = torch.argsort(group, stable=True)
+    tokens, group = tokens[order], group[order]
+    rows = group * max_tokens + torch.arange(len(tokens)) - (torch.cumsum(counts, 0) - counts)[group]
+    gather = torch.zeros(groups * max_tokens, dtype=torch.int64)
+    gather[rows] = tokens
+    scatter = torch.full((len(slots),), groups * max_tokens, dtype=torch.int64)
+    scatter[tokens] = rows
+    every = groups == num_slots
+    return LoraPlan(groups, max_tokens, gather.to(device), scatter.to(device), None if every else active.to(device))
 
 
 def part_ranges(layer: LinearBase) -> dict[object, tuple[int, int]]:
@@ -76,22 +101,25 @@ class LoraLayer(nn.Module):
             raise ValueError(f"the parts {self.ranges} do not tile the {layer.out_features} outputs in order")
         self.part_index = {sid: i for i, sid in enumerate(self.ranges)}
         self.step, self.rank, self.parts = step, max_rank, len(self.ranges)
-        self.width = step.num_slots * max_rank  # columns of one part
-        self.register_buffer("a", torch.zeros(layer.in_features, self.parts * self.width, dtype=dtype, device=device))
-        self.b = [torch.zeros(self.width, size, dtype=dtype, device=device) for _, size in self.ranges.values()]
-        for i, b in enumerate(self.b):
-            self.register_buffer(f"b{i}", b)
+        slots = step.num_slots
+        self.a = torch.zeros(slots, layer.in_features, self.parts * max_rank, dtype=dtype, device=device)
+        self.b = [torch.zeros(slots, max_rank, size, dtype=dtype, device=device) for _, size in self.ranges.values()]
         self._handle: RemovableHandle = layer.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        if not self.step.active:
+        plan = self.step.plan
+        if plan is None:
             return output
-        x = inputs[0]
-        h = (x @ self.a) * self.step.mask(self.parts, self.rank, x.dtype)
-        if self.parts == 1:
-            return output + h @ self.b[0]
-        w = self.width
-        return output + torch.cat([h[:, i * w:(i + 1) * w] @ b for i, b in enumerate(self.b)], dim=-1)
+        a, bs = self.a, self.b
+        if plan.active is not None:
+            a, bs = a.index_select(0, plan.active), [b.index_select(0, plan.active) for b in bs]
+        x = inputs[0].index_select(0, plan.gather).view(plan.groups, plan.max_tokens, -1)
+        h = torch.bmm(x, a)  # [G, M, P*R]
+        r = self.rank
+        ys = [torch.bmm(h[:, :, i * r:(i + 1) * r], b) for i, b in enumerate(bs)]
+        y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)).view(plan.groups * plan.max_tokens, -1)
+        y = torch.cat([y, y.new_zeros(1, y.shape[1])])
+        return output + y.index_select(0, plan.scatter)
 
     def set_part(self, slot: int, shard_id: object, a: torch.Tensor, b: torch.Tensor) -> None:
         """a [r, in], b [part size, r] (already scaled) for one part of one slot."""
@@ -99,22 +127,20 @@ class LoraLayer(nn.Module):
             raise KeyError(shard_id)
         size = self.ranges[shard_id][1]
         rank = a.shape[0]
-        if a.shape[1] != self.a.shape[0] or b.shape != (size, rank):
+        if a.shape[1] != self.a.shape[1] or b.shape != (size, rank):
             raise ValueError(f"LoRA weights A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a layer part of "
-                             f"{self.a.shape[0]} inputs and {size} outputs")
+                             f"{self.a.shape[1]} inputs and {size} outputs")
         part = self.part_index[shard_id]
-        rows = slice(slot * self.rank, (slot + 1) * self.rank)  # this slot's rows of b[part]
-        start = part * self.width + rows.start  # and its columns of a
-        self.a[:, start: start + self.rank] = 0
-        self.b[part][rows] = 0
-        self.a[:, start: start + rank] = a.t().to(self.a.dtype)
-        self.b[part][rows.start: rows.start + rank] = b.t().to(self.a.dtype)
+        cols = slice(part * self.rank, (part + 1) * self.rank)
+        self.a[slot, :, cols] = 0
+        self.b[part][slot] = 0
+        self.a[slot, :, cols.start: cols.start + rank] = a.t().to(self.a.dtype)
+        self.b[part][slot, :rank] = b.t().to(self.a.dtype)
 
     def clear_slot(self, slot: int) -> None:
-        rows = slice(slot * self.rank, (slot + 1) * self.rank)
-        for part, b in enumerate(self.b):
-            self.a[:, part * self.width + rows.start: part * self.width + rows.stop] = 0
-            b[rows] = 0
+        self.a[slot] = 0
+        for b in self.b:
+            b[slot] = 0
 
     def remove(self) -> None:
         self._handle.remove()

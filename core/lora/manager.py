@@ -108,8 +108,8 @@ class LoraManager:
         slot_of = {name: self.make_resident(name, needed) for name in needed}
         slots = [slot_of.get(s.request.adapter_id, -1) for s in out.scheduled]
         lengths = [s.num_new_tokens for s in out.scheduled]
-        self.step.set(torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64),
-                                              torch.tensor(lengths)).to(self.device))
+        self.step.set(torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64), torch.tensor(lengths)),
+                      self.device)
 
     def describe(self) -> str:
         names = self.names()
