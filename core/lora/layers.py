@@ -5,14 +5,16 @@ B for each fused part (q/k/v of `qkv_proj`, gate/up of `gate_up_proj`, or the wh
 installed as a forward hook, so the layer itself (its weights, quantizer and loaders) is untouched.
 
 Layout (S slots, P parts, R = max rank): `a` [S, in, P*R] holds A_{slot,part}^T in columns
-part*R .. part*R + r (zero past the adapter's rank r); `b{part}` [S, R, part size] holds
-scaling * B_{slot,part}^T in its first r rows. Zero-padding to R makes different ranks exact.
+part*R .. part*R + r (zero past the adapter's rank r); `b` [S, P*R, out] holds
+scaling * B_{slot,part}^T in rows part*R .. part*R + r and the part's output columns (block
+diagonal: one bmm expands every part). Zero-padding to R makes different ranks exact.
 
 One step (segmented gather + bmm, SGMV-style, no per-request loop): `LoraStep` groups the step's
 adapter tokens by slot once per step (G groups of at most M tokens); each layer gathers its input
-rows into [G, M, in], runs one bmm against the groups' A and one per part against their B, and
-adds each token's row back (a base-model token gets a zero row). The cost is about
-T * (in * P + out) * R multiply-adds plus the padding of groups to M rows.
+rows into [G, M, in], runs one bmm against the groups' A and one against their B, zeroes the
+padding rows and adds each row into its token's output (base-model tokens get nothing): five ops
+per layer whatever the batch. The cost is about T * (in + out) * P * R multiply-adds plus the
+padding of groups to M rows.
 """
 from __future__ import annotations
 
@@ -31,14 +33,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class LoraPlan:
     """One step's token grouping. gather [G*M]: the token of each group row (padding rows read
-    token 0; their results are never used); scatter [T]: each token's row in the flattened
-    [G*M] results, G*M (an appended zero row) for base-model tokens; active [G]: the slots of the
-    groups, None when every slot has a group (in slot order)."""
+    and write token 0); valid [G*M, 1]: 1 for real rows, 0 for padding (whose results are zeroed
+    before they are added); active [G]: the slots of the groups, None when every slot has a
+    group (in slot order)."""
 
     groups: int
     max_tokens: int
     gather: torch.Tensor
-    scatter: torch.Tensor
+    valid: torch.Tensor
     active: torch.Tensor | None
 
 
@@ -55,12 +57,14 @@ class LoraStep:
     def active(self) -> bool:
         return self.plan is not None
 
-    def set(self, token_slots: torch.Tensor | None, device: torch.device | None = None) -> None:
+    def set(self, token_slots: torch.Tensor | None, device: torch.device | None = None,
+            dtype: torch.dtype = torch.float32) -> None:
         """token_slots [T] int64 on the host: each token's slot, -1 for the base model; None: no LoRA."""
-        self.plan = None if token_slots is None else plan_groups(token_slots, self.num_slots, device)
+        self.plan = None if token_slots is None else plan_groups(token_slots, self.num_slots, device, dtype)
 
 
-def plan_groups(slots: torch.Tensor, num_slots: int, device: torch.device | None = None) -> LoraPlan | None:
+def plan_groups(slots: torch.Tensor, num_slots: int, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float32) -> LoraPlan | None:
     tokens = torch.nonzero(slots >= 0).squeeze(1)
     if len(tokens) == 0:
         return None
@@ -74,10 +78,10 @@ def plan_groups(slots: torch.Tensor, num_slots: int, device: torch.device | None
     rows = group * max_tokens + torch.arange(len(tokens)) - (torch.cumsum(counts, 0) - counts)[group]
     gather = torch.zeros(groups * max_tokens, dtype=torch.int64)
     gather[rows] = tokens
-    scatter = torch.full((len(slots),), groups * max_tokens, dtype=torch.int64)
-    scatter[tokens] = rows
+    valid = torch.zeros(groups * max_tokens, 1, dtype=dtype)
+    valid[rows] = 1
     every = groups == num_slots
-    return LoraPlan(groups, max_tokens, gather.to(device), scatter.to(device), None if every else active.to(device))
+    return LoraPlan(groups, max_tokens, gather.to(device), valid.to(device), None if every else active.to(device))
 
 
 def part_ranges(layer: LinearBase) -> dict[object, tuple[int, int]]:
@@ -96,30 +100,23 @@ class LoraLayer(nn.Module):
                  device: torch.device) -> None:
         super().__init__()
         self.ranges = part_ranges(layer)
-        ends = [0] + [offset + size for offset, size in self.ranges.values()]
-        if [offset for offset, _ in self.ranges.values()] != ends[:-1] or ends[-1] != layer.out_features:
-            raise ValueError(f"the parts {self.ranges} do not tile the {layer.out_features} outputs in order")
         self.part_index = {sid: i for i, sid in enumerate(self.ranges)}
         self.step, self.rank, self.parts = step, max_rank, len(self.ranges)
         slots = step.num_slots
         self.a = torch.zeros(slots, layer.in_features, self.parts * max_rank, dtype=dtype, device=device)
-        self.b = [torch.zeros(slots, max_rank, size, dtype=dtype, device=device) for _, size in self.ranges.values()]
+        self.b = torch.zeros(slots, self.parts * max_rank, layer.out_features, dtype=dtype, device=device)
         self._handle: RemovableHandle = layer.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         plan = self.step.plan
         if plan is None:
             return output
-        a, bs = self.a, self.b
+        a, b = self.a, self.b
         if plan.active is not None:
-            a, bs = a.index_select(0, plan.active), [b.index_select(0, plan.active) for b in bs]
+            a, b = a.index_select(0, plan.active), b.index_select(0, plan.active)
         x = inputs[0].index_select(0, plan.gather).view(plan.groups, plan.max_tokens, -1)
-        h = torch.bmm(x, a)  # [G, M, P*R]
-        r = self.rank
-        ys = [torch.bmm(h[:, :, i * r:(i + 1) * r], b) for i, b in enumerate(bs)]
-        y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)).view(plan.groups * plan.max_tokens, -1)
-        y = torch.cat([y, y.new_zeros(1, y.shape[1])])
-        return output + y.index_select(0, plan.scatter)
+        y = torch.bmm(torch.bmm(x, a), b).view(plan.groups * plan.max_tokens, -1)  # [G*M, out]
+        return output.index_add_(0, plan.gather, y * plan.valid)
 
     def set_part(self, slot: int, shard_id: object, a: torch.Tensor, b: torch.Tensor) -> None:
         """a [r, in], b [part size, r] (already scaled) for one part of one slot."""
@@ -130,17 +127,16 @@ class LoraLayer(nn.Module):
         if a.shape[1] != self.a.shape[1] or b.shape != (size, rank):
             raise ValueError(f"LoRA weights A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a layer part of "
                              f"{self.a.shape[1]} inputs and {size} outputs")
-        part = self.part_index[shard_id]
-        cols = slice(part * self.rank, (part + 1) * self.rank)
-        self.a[slot, :, cols] = 0
-        self.b[part][slot] = 0
-        self.a[slot, :, cols.start: cols.start + rank] = a.t().to(self.a.dtype)
-        self.b[part][slot, :rank] = b.t().to(self.a.dtype)
+        offset = self.ranges[shard_id][0]
+        part = self.part_index[shard_id] * self.rank
+        self.a[slot, :, part: part + self.rank] = 0
+        self.b[slot, part: part + self.rank] = 0
+        self.a[slot, :, part: part + rank] = a.t().to(self.a.dtype)
+        self.b[slot, part: part + rank, offset: offset + size] = b.t().to(self.b.dtype)
 
     def clear_slot(self, slot: int) -> None:
         self.a[slot] = 0
-        for b in self.b:
-            b[slot] = 0
+        self.b[slot] = 0
 
     def remove(self) -> None:
         self._handle.remove()

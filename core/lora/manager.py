@@ -109,7 +109,7 @@ class LoraManager:
         slots = [slot_of.get(s.request.adapter_id, -1) for s in out.scheduled]
         lengths = [s.num_new_tokens for s in out.scheduled]
         self.step.set(torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64), torch.tensor(lengths)),
-                      self.device)
+                      self.device, self.dtype)
 
     def describe(self) -> str:
         names = self.names()
