@@ -12,6 +12,11 @@ Each level runs closed-loop clients sending POST /generate (client i uses adapte
 the LoRA level, none in the base level); output tokens/s is generated tokens over the level's
 wall time. Levels alternate base, LoRA for --rounds rounds; the ratio is LoRA / base of the
 medians. Target: >= 0.8.
+
+`--engine` measures the same mix in-process instead (EngineCore, no HTTP): the median forward
+time of the decode steps of --clients requests, base and LoRA levels interleaved for --rounds
+rounds, with --threads intra-op threads. On a shared machine this is the steadier number (a level
+of the HTTP run lasts minutes, over which other load comes and goes).
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--port", type=int, default=18431)
     ap.add_argument("--out", default="benchmarks/results/lora")
+    ap.add_argument("--engine", action="store_true", help="in-process decode-step comparison (see above)")
+    ap.add_argument("--threads", type=int, default=None, help="--engine: torch intra-op threads")
     return ap.parse_args(argv)
 
 
@@ -100,10 +107,60 @@ async def run_level(base_url: str, texts: list[str], clients: int, adapters: lis
             "output_tokens_per_s": round(sum(generated) / elapsed, 1)}
 
 
+def engine_levels(model: Path, adapters: dict[str, Path], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Median decode-step forward seconds per level, base and LoRA interleaved."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from textgen.core.config import EngineConfig
+    from textgen.core.engine.engine_core import EngineCore
+    from textgen.core.engine.types import EngineRequest
+    from textgen.core.sampling_params import SamplingParams
+
+    core = EngineCore(EngineConfig(
+        model_id=str(model), backend="cpu", dtype="float32", enable_prefix_caching=False, max_loras=args.adapters,
+        max_lora_rank=args.rank, lora_adapters=tuple(f"{n}={p}" for n, p in adapters.items())))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records: list[Any] = []
+    core.step_observers.append(records.append)
+    names = list(adapters)
+
+    def level(lora: bool, seed: int) -> float:
+        records.clear()
+        for i in range(args.clients):
+            ids = [1] + [(seed * 7919 + i * 31 + j * 17) % 8000 + 4 for j in range(args.input_tokens)]
+            params = SamplingParams(max_new_tokens=args.output_tokens, ignore_eos=True)
+            core.add_request(EngineRequest(f"{seed}-{i}", ids, params, adapter_id=names[i % len(names)] if lora else None),
+                             lambda event: None)
+        while core.has_work():
+            core.step()
+        return statistics.median(r.forward_s for r in records if r.method == "decode")
+
+    levels: dict[str, list[float]] = {"base": [], "lora": []}
+    for k in range(args.rounds):
+        levels["base"].append(level(False, 2 * k))
+        levels["lora"].append(level(True, 2 * k + 1))
+    return levels
+
+
+def main_engine(model: Path, adapters: dict[str, Path], args: argparse.Namespace) -> int:
+    levels = engine_levels(model, adapters, args)
+    base, lora = statistics.median(levels["base"]), statistics.median(levels["lora"])
+    write_json(Path(args.out) / "lora_engine.json", {"machine": describe_machine(), "args": vars(args),
+                                                     "decode_step_s": levels, "ratio": round(base / lora, 3)})
+    rows = [["base model only", args.clients, f"{base * 1e3:.0f}", "1.00"],
+            [f"{args.adapters} adapters (rank {args.rank})", args.clients, f"{lora * 1e3:.0f}", f"{base / lora:.2f}"]]
+    print(markdown_table(["level", "requests", "decode step ms (median)", "throughput vs base"], rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = build_never_eos_llama(TMP / "textgen-bench-model-never-eos", TMP / "textgen-bench-model")
     adapters = make_adapters(model, args.adapters, args.rank)
+    if args.engine:
+        return main_engine(model, adapters, args)
     texts = prompts(model, args.clients * args.requests_per_client, args.input_tokens)
     flags = ["--lora-adapters", ",".join(f"{n}={p}" for n, p in adapters.items()), "--max-loras", str(args.adapters),
              "--max-lora-rank", str(args.rank), "--prefix-caching", "false"]
