@@ -48,6 +48,7 @@ def check_options(o: Mapping[str, Any]) -> list[str]:
         reasons.append("`sharded` is true but `num_shard` <= 1")
     reasons += _budget_reasons(o)
     reasons += endpoint_reasons(o["kv_events_endpoint"])
+    reasons += _lora_reasons(o)
     for name in ("validation_workers", "max_concurrent_requests", "max_client_batch_size", "payload_limit",
                  "block_size"):
         if o[name] is not None and o[name] <= 0:
@@ -97,6 +98,16 @@ def _budget_reasons(o: Mapping[str, Any]) -> list[str]:
     return reasons
 
 
+def _lora_reasons(o: Mapping[str, Any]) -> list[str]:
+    from textgen.core.lora import LoraError, parse_adapter_list
+
+    try:
+        parse_adapter_list(o["lora_adapters"])
+    except LoraError as exc:
+        return [str(exc)]
+    return [f"`{name}` must be > 0" for name in ("max_loras", "max_lora_rank") if o[name] is not None and o[name] <= 0]
+
+
 _OWN_DESTS = {f.dest for f in FLAGS} | {"command", "func"}
 
 
@@ -116,6 +127,8 @@ def engine_config(o: Mapping[str, Any], args: argparse.Namespace) -> Any:
         max_total_tokens=o["max_total_tokens"], max_batch_prefill_tokens=o["max_batch_prefill_tokens"],
         max_batch_total_tokens=o["max_batch_total_tokens"], max_batch_size=o["max_batch_size"],
         waiting_served_ratio=o["waiting_served_ratio"], extra=extra,
+        lora_adapters=tuple(p.strip() for p in (o["lora_adapters"] or "").split(",") if p.strip()),
+        enable_lora=bool(o["allow_runtime_lora_updating"]), max_loras=o["max_loras"], max_lora_rank=o["max_lora_rank"],
     )
 
 
@@ -128,7 +141,7 @@ def server_settings(o: Mapping[str, Any], engine: Any, tracing: bool = False) ->
         api_key=o["api_key"], cors_allow_origin=list(o["cors_allow_origin"]), payload_limit=o["payload_limit"],
         compute_type=compute_type, disable_grammar_support=o["disable_grammar_support"], grpc_port=o["grpc_port"],
         hostname=o["hostname"], shutdown_timeout_s=o["shutdown_timeout"], watchdog_timeout_s=o["watchdog_timeout"],
-        tracing=tracing,
+        tracing=tracing, allow_runtime_lora_updating=bool(o["allow_runtime_lora_updating"]),
     )
 
 

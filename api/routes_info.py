@@ -32,6 +32,7 @@ def info(state: AppState) -> dict[str, object]:
         "waiting_served_ratio": c.waiting_served_ratio, "block_size": c.block_size,
         "prefix_caching": c.enable_prefix_caching,
         "quantize": e.quantize, "quantization": e.quantization, "weight_bytes": e.weight_bytes,
+        "lora_adapters": state.validator.lora.names() if state.validator.lora is not None else [],
     }
 
 

@@ -58,6 +58,7 @@ class AsyncEngine:
         self.config = core.config
         self.tokenizer = core.tokenizer
         self.hf_config = core.runner.hf_config
+        self.lora = core.runner.lora  # LoraManager or None; its registry is safe to use from any thread
         self.model_id = core.config.model_id
         self.model_path = str(core.runner.model_path)
         self.dtype = str(core.runner.dtype)

@@ -18,6 +18,7 @@ from textgen.core.engine.request_state import EventBuilder, RequestState, Sink, 
 from textgen.core.engine.setup import build_engine_parts
 from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from textgen.core.engine.types import EngineRequest, EngineStats, StepRecord
+from textgen.core.lora import lora_reasons
 from textgen.core.sampling import sampling_param_reasons
 from textgen.core.scheduler import Request
 
@@ -77,15 +78,19 @@ class EngineCore:
         if len(ids) >= self.config.max_total_tokens:
             return f"the prompt has {len(ids)} tokens; the maximum is {self.config.max_total_tokens - 1}"
         reasons = sampling_param_reasons(request.params, vocab)
+        if request.adapter_id is not None:
+            reasons += lora_reasons(self.runner.lora, request.adapter_id)
         return "; ".join(reasons) if reasons else None
 
     def _schedule(self, st: RequestState) -> None:
         r = st.request
         salt = r.request_id if r.params.prompt_logprobs else None  # every prompt position needs logits
+        adapter = self.runner.lora.get(r.adapter_id) if r.adapter_id is not None else None
         try:
             self.scheduler.add_request(Request(
                 request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids), sampling_params=r.params,
                 eos_token_ids=self.eos_token_ids, arrival_time=r.arrival_time, priority=r.priority, cache_salt=salt,
+                adapter_id=r.adapter_id, adapter_load_id=adapter.load_id if adapter is not None else None,
             ))
         except ValueError as exc:  # e.g. a request that could never fit in the KV cache
             self._fail(st, str(exc))
@@ -256,7 +261,14 @@ class EngineCore:
             num_kv_blocks=self.scheduler.config.num_blocks, block_size=self.config.block_size,
             kv_cache_dtype=str(self.runner.dtype).removeprefix("torch."),
             enable_prefix_caching=self.config.enable_prefix_caching,
+            max_loras=self.runner.lora.max_loras if self.runner.lora is not None else 0,
+            running_lora_adapters=_adapters(self.scheduler.running),
+            waiting_lora_adapters=_adapters(self.scheduler.waiting),
         )
+
+
+def _adapters(requests: list[Request]) -> tuple[str, ...]:
+    return tuple(sorted({r.adapter_id for r in requests if r.adapter_id is not None}))
 
 
 def _is_prefill(s: Any) -> bool:

@@ -20,6 +20,7 @@ from textgen.core.attention_selection import KernelChoice, negotiate
 from textgen.core.engine.step_inputs import StepBuffers, ZeroTokenRow
 from textgen.core.forward_context import ForwardContext, StepTensors
 from textgen.core.loader.dtype import resolve_kv_cache_dtype
+from textgen.core.lora.manager import build_lora_manager
 from textgen.core.registry import AttentionBackendInfo
 from textgen.core.sampling import Sampler, SamplingBatch, compute_prompt_logprobs
 from textgen.core.sampling.static import HOST, SampledRows, StaticSampler
@@ -61,6 +62,7 @@ class ModelRunner:
         self.model, self.hf_config, self.dtype, self.model_path = loaded.model, loaded.hf_config, loaded.dtype, loaded.path
         self.kernel = bind_attention(self.model, attention_infos, config)
         self.attention_cls = self.kernel.kernel_cls
+        self.lora = build_lora_manager(config, self.model, self.dtype, self.device)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.pad_slot = 0
@@ -145,17 +147,26 @@ class ModelRunner:
         """Run one step. `allowed_mask` (bool [S, V]) rows follow the order of the scheduled
         requests whose `sample` is True; disallowed tokens are never sampled (grammars)."""
         with self.backend.inference_mode():
-            hidden = self.forward_step(out.scheduled, keep_padding=self.static_sampler is not None)
+            keep = self.static_sampler is not None
+            hidden = self._forward_with_lora(out, keep) if self.lora is not None else self.forward_step(out.scheduled, keep)
             query_lens = np.fromiter((s.num_new_tokens for s in out.scheduled), dtype=np.int64)
             starts = query_lens.cumsum() - query_lens
             prompt_lp = self._prompt_logprobs(out, hidden, starts, prompt_logprob_ids)
             sampled = self._sample(out, hidden, starts, rows, allowed_mask)
         return StepResult(sampled, prompt_lp)
 
+    def _forward_with_lora(self, out: SchedulerOutput, keep_padding: bool) -> torch.Tensor:
+        """The step's forward with each token's LoRA adapter applied (eager: graphs hold no LoRA)."""
+        self.lora.begin_step(out)
+        try:
+            return self.forward_step(out.scheduled, keep_padding)
+        finally:
+            self.lora.end_step()
+
     def forward_step(self, scheduled: list[ScheduledRequest], keep_padding: bool = False) -> torch.Tensor:
         """Hidden states of the step's tokens, in order (graph-mode padding dropped unless
         `keep_padding`: a slice of a per-step length is one more program on a compiling device)."""
-        graphs = self.graphs
+        graphs = self.graphs if self.lora is None or not self.lora.step.active else None
         if graphs is not None:
             bucket = graphs.bucket_for(scheduled)
             if bucket is not None:

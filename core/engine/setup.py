@@ -57,6 +57,8 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     max_length = model_max_length(runner.hf_config, tokenizer)
     lines = [f"backend {backend.describe()}; dtype {runner.dtype}; {runner.loaded.describe_weights()}",
              *runner.kernel.describe()]
+    if runner.lora is not None:
+        lines.append(runner.lora.describe())
     profile = profile_memory(config, backend, runner, max_length)
     lines.append(describe_profile(profile))
     plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile)
@@ -119,4 +121,5 @@ def _build_scheduler(config: EngineConfig, num_blocks: int, sliding_window: int 
         max_batch_prefill_tokens=config.max_batch_prefill_tokens, max_batch_size=config.max_batch_size,
         max_model_len=config.max_total_tokens, block_size=config.block_size, num_blocks=num_blocks,
         enable_prefix_caching=config.enable_prefix_caching, sliding_window=sliding_window,
+        max_loras=config.max_loras if config.lora_adapters or config.enable_lora else None,
     ))
