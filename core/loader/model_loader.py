@@ -11,6 +11,7 @@ import torch
 from textgen.core.loader.dtype import resolve_dtype
 from textgen.core.loader.dummy import fill_dummy_weights
 from textgen.core.loader.files import iterate_safetensors, resolve_model_path
+from textgen.core.loader.lazy_slice import iterate_safetensor_slices
 from textgen.core.models.base import ModelBuildContext
 from textgen.core.models.registry import resolve_model_class
 from textgen.core.quantization import QuantizerRegistry, select_quantizer
@@ -18,6 +19,7 @@ from textgen.core.quantization import QuantizerRegistry, select_quantizer
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
     from textgen.core.config import EngineConfig
+    from textgen.core.distributed import Communicator
     from textgen.core.model import Model
     from textgen.core.registry import QuantizerInfo
 
@@ -30,6 +32,8 @@ class LoadedModel:
     path: Path
     quantization: str = "none"  # the method's description, for startup lines and /info
     weight_bytes: int = 0  # parameters and buffers after process_after_loading
+    tp_rank: int = 0  # this process's tensor-parallel rank and the number of ranks
+    tp_size: int = 1
 
     def describe_weights(self) -> str:
         return f"weights {self.weight_bytes / 2**20:.1f} MiB, quantization: {self.quantization}"
@@ -50,28 +54,30 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     dtype = resolve_dtype(config.dtype, hf_config, backend)
     registry = QuantizerRegistry.build(backend.name, quantizers or [])
     quantizer = select_quantizer(config.quantize, hf_config, registry, backend, dtype)
-    build = ModelBuildContext(dtype, backend.device, quantizer)
+    communicator = backend.communicator()
+    build = ModelBuildContext(dtype, backend.device, quantizer, communicator.rank, communicator.world_size)
     with _building_on(backend.device, dtype):
         model = model_cls(hf_config, build)
     if config.load_format == "dummy":
         fill_dummy_weights(model, hf_config, config.seed)
     elif config.load_format in ("auto", "safetensors"):
-        _check_all_loaded(model, model.load_weights(iterate_safetensors(path)))
+        weights = iterate_safetensors(path) if build.tp_size == 1 else iterate_safetensor_slices(path)
+        _check_all_loaded(model, model.load_weights(weights))
     else:
         raise ValueError(f"unknown load_format {config.load_format!r}: use auto, safetensors or dummy")
     _process_after_loading(model)
-    _attach_communicator(model, backend)
+    _attach_communicator(model, communicator)
     described = quantizer.describe() if quantizer is not None else "none"
-    return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model))
+    return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model), build.tp_rank,
+                       build.tp_size)
 
 
-def _attach_communicator(model: torch.nn.Module, backend: Backend) -> None:
-    """Row-parallel layers reduce through the backend's collectives (one object for the model)."""
-    from textgen.core.layers.linear import RowLinear
-
-    communicator = backend.communicator()
+def _attach_communicator(model: torch.nn.Module, communicator: Communicator) -> None:
+    """Layers that reduce or gather across ranks (row-parallel linears, vocab-parallel embedding
+    and LM head: those declaring a `communicator` attribute) use the backend's collectives (one
+    object for the model)."""
     for module in model.modules():
-        if isinstance(module, RowLinear):
+        if hasattr(module, "communicator"):
             module.communicator = communicator
 
 
