@@ -57,7 +57,7 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     profile = profile_memory(config, backend, runner, max_length)
     lines.append(describe_profile(profile))
     plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile)
-    plan = agree_on_kv_blocks(plan, backend.communicator())
+    plan = agree_on_kv_blocks(plan, backend.communicator(), backend.device)
     runner.allocate_kv_cache(plan.num_blocks)
     lines += derive_budgets(config, plan, max_length)
     graphs, graph_line = decode_graphs(config, backend, runner.attention_cls)

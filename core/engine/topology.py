@@ -110,13 +110,14 @@ def join_process_group(communicator: Communicator, topology: ShardTopology, rank
     communicator.init_process_group(rank, topology.world_size, topology.init_method, collective_timeout_s())
 
 
-def agree_on_kv_blocks(plan: KVCachePlan, communicator: Communicator) -> KVCachePlan:
-    """Every rank sizes its own cache; all of them use the smallest count (all-reduce MIN)."""
+def agree_on_kv_blocks(plan: KVCachePlan, communicator: Communicator, device: object = "cpu") -> KVCachePlan:
+    """Every rank sizes its own cache; all of them use the smallest count (all-reduce MIN, on
+    `device`: the model's collectives library may not take host tensors)."""
     if communicator.world_size == 1:
         return plan
     import dataclasses
 
     import torch
 
-    blocks = communicator.all_reduce_min(torch.tensor([plan.num_blocks], dtype=torch.int64))
+    blocks = communicator.all_reduce_min(torch.tensor([plan.num_blocks], dtype=torch.int64, device=device))
     return dataclasses.replace(plan, num_blocks=int(blocks.item()))
