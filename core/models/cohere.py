@@ -31,9 +31,9 @@ class CohereAttention(LlamaAttention):
         if getattr(cfg, "use_qk_norm", False):
             spec = self.attn.spec
             self.q_norm = PerHeadLayerNorm(spec.num_heads, self.head_size, cfg.layer_norm_eps, build.dtype,
-                                              build.tp_rank * spec.num_heads)
+                                            build.tp_rank * spec.num_heads)
             self.k_norm = PerHeadLayerNorm(spec.num_kv_heads, self.head_size, cfg.layer_norm_eps, build.dtype,
-                                              build.tp_rank // self.qkv_proj.kv_replicas * spec.num_kv_heads)
+                                            build.tp_rank // self.qkv_proj.kv_replicas * spec.num_kv_heads)
 
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = super().project(hidden)

@@ -26,9 +26,9 @@ class StableLmAttention(LlamaAttention):
         if getattr(cfg, "qk_layernorm", False):
             spec = self.attn.spec
             self.q_layernorm = PerHeadLayerNorm(spec.num_heads, self.head_size, cfg.layer_norm_eps, build.dtype,
-                                              build.tp_rank * spec.num_heads)
+                                            build.tp_rank * spec.num_heads)
             self.k_layernorm = PerHeadLayerNorm(spec.num_kv_heads, self.head_size, cfg.layer_norm_eps, build.dtype,
-                                              build.tp_rank // self.qkv_proj.kv_replicas * spec.num_kv_heads)
+                                            build.tp_rank // self.qkv_proj.kv_replicas * spec.num_kv_heads)
 
     def biases(self, cfg: Any) -> tuple[bool, bool]:
         return bool(getattr(cfg, "use_qkv_bias", False)), False
