@@ -3,7 +3,8 @@
     python benchmarks/tensor_parallel.py [--batch-sizes 1 8] [--new-tokens 32] [--repeats 2]
 
 Same model files (the ~100M Llama of common.py), same script run: 1 shard in this process with
-every core, then 2 shards (two processes over gloo, the cores split between them). Decode time
+every core (and again with one thread, a shard's share: on a busy machine a thread team of 2 can
+lose far more to scheduling than sharding costs), then 2 shards (two processes over gloo, the cores split between them). Decode time
 is the total minus a 1-token run (the prefill), best of --repeats. On the 2-shard run, rank 0
 also times one all-reduce of a decode step's [batch, hidden] activations and one step plan
 broadcast (the control message), so the per-step overhead is their count times their cost:
@@ -125,20 +126,25 @@ def main() -> None:
     from textgen.core.engine.engine_core import EngineCore
 
     core = EngineCore(EngineConfig(**_config(path)))
+    threads = torch.get_num_threads()
     one = {b: _decode_tps(core, b, args.new_tokens, args.repeats) for b in args.batch_sizes}
+    torch.set_num_threads(1)  # a shard's share of the cores: tells thread-team effects from sharding
+    one_thread = {b: _decode_tps(core, b, args.new_tokens, args.repeats) for b in args.batch_sizes}
+    torch.set_num_threads(threads)
     del core
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_rank, args=(_free_port(), path, args, out), nprocs=2, join=True)
         two, costs = dict(out["tps"]), dict(out["costs"])
     per_step = 2 * LLAMA_100M["num_hidden_layers"] + 2
-    print(f"{'batch':>5} {'1 shard tok/s':>14} {'2 shards tok/s':>15} {'2/1':>6} {'all-reduce us':>14} "
-          f"{'plan us':>8} {'collectives/step ms':>20} {'share of 2-shard step':>22}")
+    print(f"{'batch':>5} {'1 shard tok/s':>14} {'(1 thread)':>11} {'2 shards tok/s':>15} {'2/1':>6} "
+          f"{'all-reduce us':>14} {'plan us':>8} {'collectives/step ms':>20} {'share of 2-shard step':>22}")
     for b in args.batch_sizes:
         all_reduce, plan = costs[b]
         overhead_ms = (per_step * all_reduce + plan) / 1e3
         step_ms = 1e3 * b / two[b]
-        print(f"{b:>5} {one[b]:>14.1f} {two[b]:>15.1f} {two[b] / one[b]:>6.2f} {all_reduce:>14.0f} {plan:>8.0f} "
+        print(f"{b:>5} {one[b]:>14.1f} {one_thread[b]:>11.1f} {two[b]:>15.1f} {two[b] / one[b]:>6.2f} "
+              f"{all_reduce:>14.0f} {plan:>8.0f} "
               f"{overhead_ms:>20.2f} {overhead_ms / step_ms:>21.0%}")
     print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
 

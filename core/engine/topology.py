@@ -87,8 +87,12 @@ def resolve_topology(num_shard: int, master_addr: str, master_port: int,
 
 
 def visible_devices_for(local_index: int, environ: Mapping[str, str]) -> dict[str, str]:
-    """The visible-device variables narrowed to this local rank's device (only those set with a
-    list of devices; a variable set to one device is left alone)."""
+    """The visible-device variables narrowed to this local rank's device: those set with a list
+    of devices give the rank its entry (one set to a single device is left alone); when none is
+    set, CUDA_VISIBLE_DEVICES (which ROCm honours too) becomes the local index, so that each rank's
+    default device is its own GPU (no effect where there is none)."""
+    if not any(environ.get(name) for name in VISIBLE_DEVICE_VARS):
+        return {"CUDA_VISIBLE_DEVICES": str(local_index)}
     narrowed = {}
     for name in VISIBLE_DEVICE_VARS:
         devices = [d for d in environ.get(name, "").split(",") if d.strip()]

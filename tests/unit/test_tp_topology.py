@@ -54,6 +54,7 @@ def test_each_local_rank_sees_its_own_device() -> None:
     assert visible_devices_for(1, env) == {"CUDA_VISIBLE_DEVICES": "5"}
     with pytest.raises(TopologyError, match="lists 2 devices; local rank 2 has none"):
         visible_devices_for(2, env)
+    assert visible_devices_for(1, {}) == {"CUDA_VISIBLE_DEVICES": "1"}
 
 
 def test_the_worker_copy_follows_the_scheduler_through_chunks_preemption_and_finishes() -> None:
