@@ -12,8 +12,8 @@ seeded alike (rank 0 sends each request's seed), but only rank 0's tokens count:
 them with the next plan. Grammar masks exist on rank 0 only (a worker's own token may differ
 there; it is never used).
 
-Failures: a collective that fails or times out on rank 0 (a worker died, hung or diverged)
-raises `ShardFailure`, a BaseException, so the engine's per-request isolation does not retry it:
+Failures: a collective that fails or times out on rank 0 (a worker died, hung or diverged), or
+a step error after which the workers can no longer be reached, raises `ShardFailure`, a BaseException, so the engine's per-request isolation does not retry it:
 the engine thread stops, /health answers 503 and the launcher exits non-zero. A worker whose
 step raises an ordinary exception logs it and goes on (rank 0 saw the same error and fails or
 retries those requests, sending plans the worker follows); a worker whose control or collective
@@ -113,6 +113,11 @@ class ShardedExecutor:
             return self.runner.execute(out, rows, prompt_logprob_ids, allowed_mask)
         except torch.distributed.DistError as exc:
             raise ShardFailure(f"a tensor-parallel collective failed: {exc}") from exc
+        except Exception:
+            # gloo reports a lost peer inside a collective as a plain RuntimeError: an empty plan
+            # tells a dead group (ShardFailure) from this step's own error (re-raised as it is)
+            self._send(StepPlan())
+            raise
 
     def skip(self, out: SchedulerOutput) -> None:
         self.builder.forget(out)
