@@ -16,6 +16,7 @@ from typing import Any
 
 from textgen.api.kv_events import KVEventsError, attach_kv_events, endpoint_reasons
 from textgen.api.launcher_flags import FLAGS, FlagError, add_flags, resolve
+from textgen.api.shards import ShardGroup, TopologyError, topology_for
 
 log = logging.getLogger("textgen.launcher")
 EXIT_USAGE = 2  # a flag or combination to change
@@ -42,8 +43,6 @@ def check_options(o: Mapping[str, Any]) -> list[str]:
     num_shard = o["num_shard"]
     if num_shard is not None and num_shard < 1:
         reasons.append("`num_shard` cannot be < 1")
-    elif num_shard is not None and num_shard > 1:
-        reasons.append(f"num-shard {num_shard} is not supported yet by textgen (supported: 1)")
     if o["sharded"] and (num_shard or 1) <= 1:
         reasons.append("`sharded` is true but `num_shard` <= 1")
     reasons += _budget_reasons(o)
@@ -189,11 +188,23 @@ def serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) ->
 
     configure_logging(options["json_output"], options["log_level"])
     tracer_provider = configure_tracing(options["otlp_endpoint"], options["otlp_service_name"])
+    try:
+        topology = topology_for(options, os.environ if environ is None else environ)
+    except TopologyError as exc:
+        return _fail(str(exc))
+    shards = ShardGroup.start(topology, engine_config(options, args)) if topology is not None else None
+    if shards is not None and not shards.serves_http:
+        return shards.wait()  # another node's ranks: no HTTP here
     engine = _start_engine(options, args)
     if isinstance(engine, int):
+        if shards is not None:
+            shards.stop()
         return engine
     publisher = None
     try:
+        if shards is not None:
+            shards.watch(engine)
+            print(shards.describe(engine), flush=True)
         if options["kv_events_endpoint"] is not None:
             publisher = attach_kv_events(engine, options["kv_events_endpoint"], options["kv_events_topic"])
         print(model_line(options, engine), flush=True)
@@ -204,6 +215,8 @@ def serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) ->
         return _fail(str(exc))
     finally:
         engine.shutdown()
+        if shards is not None:
+            shards.stop(engine)
         if publisher is not None:
             publisher.close()
         if tracer_provider is not None:

@@ -67,7 +67,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("revision", "REVISION", help="model revision (branch, tag or commit) on the hub"),
     Flag("validation-workers", "VALIDATION_WORKERS", int, 2, "threads for tokenization and chat templates"),
     Flag("sharded", "SHARDED", parse_bool, None, "shard the model (needs --num-shard > 1)", "switch"),
-    Flag("num-shard", "NUM_SHARD", int, None, "number of tensor-parallel shards (textgen supports 1 for now)"),
+    Flag("num-shard", "NUM_SHARD", int, None, "tensor-parallel ranks on this node (also SM_NUM_GPUS; see README)"),
     Flag("quantize", "QUANTIZE", str, None, "quantization method", choices=QUANTIZE_METHODS),
     Flag("dtype", "DTYPE", str, None, "weights dtype", choices=DTYPES),
     Flag("trust-remote-code", "TRUST_REMOTE_CODE", parse_bool, False, "allow custom modeling code from the hub", "switch"),
@@ -95,6 +95,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("disable-grammar-support", "DISABLE_GRAMMAR_SUPPORT", parse_bool, False, "refuse grammar / response_format", "switch"),
     Flag("max-client-batch-size", "MAX_CLIENT_BATCH_SIZE", int, 4, "most prompts in one /v1/completions request"),
     Flag("payload-limit", "PAYLOAD_LIMIT", int, 2_000_000, "largest request body in bytes (413 above)"),
+    Flag("master-addr", "MASTER_ADDR", str, "localhost", "address of rank 0's torch.distributed store"),
+    Flag("master-port", "MASTER_PORT", int, 29500, "port of rank 0's torch.distributed store"),
     Flag("backend", "TEXTGEN_BACKEND", str, None, "force a backend plugin (see `textgen backends`)"),
     Flag("block-size", "BLOCK_SIZE", int, None, "tokens per KV cache block (default: the attention kernel's preferred size)"),
     Flag("attention-backend", "TEXTGEN_ATTENTION_BACKEND", str, None,
@@ -164,6 +166,9 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, A
             values[flag.dest] = flag.default
     if values["model_id"] is None:
         values["model_id"] = _default_model_id()
+    if getattr(args, "num_shard", None) is None and environ.get("SM_NUM_GPUS") not in (None, ""):
+        flag = next(f for f in FLAGS if f.dest == "num_shard")  # SageMaker: TGI's entrypoint exports it as NUM_SHARD
+        values["num_shard"] = _convert(flag, environ["SM_NUM_GPUS"], "SM_NUM_GPUS")
     return values
 
 

@@ -115,6 +115,10 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self._healthy and self._thread.is_alive()
 
+    def is_running(self) -> bool:
+        """Whether the engine thread is alive (False once it stopped, for good)."""
+        return self._thread.is_alive()
+
     def health_problem(self, watchdog_s: float) -> str | None:
         """Why the engine cannot serve, or None: a dead thread, a failed last step, or no step
         completed within `watchdog_s` seconds while requests are open."""

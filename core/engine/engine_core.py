@@ -35,6 +35,7 @@ class EngineCore:
         self.config, self.backend, self.runner = config, parts.backend, parts.runner
         self.tokenizer, self.scheduler, self.startup_lines = parts.tokenizer, parts.scheduler, parts.startup_lines
         self.eos_token_ids = parts.eos_token_ids
+        self.executor = parts.executor  # runs each step here, or on every tensor-parallel rank
         self.events = EventBuilder(self.tokenizer)
         self.states: dict[str, RequestState] = {}
         self.pending_grammar: dict[str, RequestState] = {}
@@ -131,6 +132,7 @@ class EngineCore:
         started = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
+            self.executor.skip(out)
             return False
         self.last_step_tokens = out.num_scheduled_tokens
         now = time.monotonic()
@@ -206,7 +208,7 @@ class EngineCore:
                 grammar_states.append(st.grammar_state)
         mask = self.grammar.fill_bitmask(grammar_states, device=self.backend.device) if any(g is not None for g in grammar_states) else None
         wanted = {rid for rid in rows if self.states[rid].request.params.prompt_logprobs}
-        return self.runner.execute(out, rows, wanted, mask)
+        return self.executor.execute(out, rows, wanted, mask)
 
     def _process(self, out: SchedulerOutput, result: StepResult) -> tuple[float, float]:
         """Apply the step's tokens; returns (scheduler update seconds, event emission seconds)."""

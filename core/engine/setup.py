@@ -10,9 +10,11 @@ from typing import Any
 
 from textgen.core.attention import StepLimits
 from textgen.core.config import EngineConfig
+from textgen.core.engine.executor import make_executor
 from textgen.core.engine.memory import describe_profile, profile_memory
 from textgen.core.engine.model_runner import ModelRunner
 from textgen.core.engine.sizing import ConfigError, derive_budgets, model_max_length, plan_kv_cache
+from textgen.core.engine.topology import agree_on_kv_blocks, collective_timeout_s
 from textgen.core.graphs import DecodeGraphs, decode_graphs
 from textgen.core.kv_cache.manager import releasable_window
 from textgen.core.seq2seq.setup import build_seq2seq_parts, seq2seq_config
@@ -28,6 +30,7 @@ class EngineParts:
     scheduler: Any
     eos_token_ids: frozenset[int]
     startup_lines: list[str]
+    executor: Any  # InProcessExecutor | ShardedExecutor (core.engine.executor)
 
 
 def _flatten(results: list[Any]) -> list[Any]:
@@ -62,6 +65,7 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     profile = profile_memory(config, backend, runner, max_length)
     lines.append(describe_profile(profile))
     plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile)
+    plan = agree_on_kv_blocks(plan, backend.communicator(), backend.device)
     runner.allocate_kv_cache(plan.num_blocks)
     lines += derive_budgets(config, plan, max_length)
     graphs, graph_line = decode_graphs(config, backend, runner.attention_cls)
@@ -70,7 +74,9 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
         runner.capture_graphs(graphs)
     lines.append(graphs.describe() if graphs is not None else graph_line)
     scheduler = _build_scheduler(config, plan.num_blocks, releasable_window(runner.attention_specs()))
-    return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(runner.hf_config, tokenizer, runner.model_path), lines)
+    executor = make_executor(runner, runner.loaded.tp_size, collective_timeout_s())
+    return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(runner.hf_config, tokenizer, runner.model_path),
+                       lines, executor)
 
 
 def step_limits(config: EngineConfig, graphs: DecodeGraphs | None) -> StepLimits:
