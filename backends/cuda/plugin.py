@@ -107,9 +107,9 @@ def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
 
 @hookimpl
 def textgen_quantizers(backend: Backend) -> list[QuantizerInfo] | None:
-    """The built-in formats on the CUDA kernels: fp8 on `torch._scaled_mm` (capability 8.9+, else
-    dequantize + GEMM with the reason logged); int4 / int8 dequantize + cuBLAS GEMM (Marlin and
-    exllama are not wired). See textgen.backends.cuda.quant_kernels."""
+    """The built-in formats on the CUDA kernels: fp8 on `torch._scaled_mm` (capability 8.9+), int4
+    GPTQ / AWQ on Marlin (capability 8.0+ and the `kernels` package), else dequantize + cuBLAS GEMM
+    with the reason logged once. See textgen.backends.cuda.quant_kernels."""
     if getattr(backend, "name", None) != "cuda":
         return None
     from textgen.core.quantization.catalog import builtin_quantizers

@@ -159,7 +159,8 @@ def test_without_a_cuda_device_the_layer_keeps_the_portable_layout() -> None:
     qk.report_fallback.cache_clear()
     layer = _fp8_layer(torch.randn(32, 32), torch.bfloat16)
     assert layer.weight_format == "fp8"
-    assert layer.quantizer.describe() == f"fp8 e4m3 per-channel scales, from the checkpoint (kernels: {CUDAKernels.name})"
+    described = layer.quantizer.describe()
+    assert described == f"fp8 e4m3 per-channel scales, from the checkpoint (kernels: {CUDAKernels.name})"
 
 
 def _sm89() -> bool:
@@ -179,3 +180,206 @@ def test_real_scaled_mm_matches_dequantize_and_gemm_on_gpu(dtype: torch.dtype, p
     out = layer.quantizer.apply(layer, x.to("cuda", dtype), None)
     assert out.dtype == dtype
     assert _relative_error(out.cpu(), _reference(layer, x.cuda()).cpu()) < 0.04
+
+
+# --- int4 on Marlin ---------------------------------------------------------------------------
+
+def _fragment_order() -> list[int]:
+    """Marlin's documented order of a 16x64 block (4 tiles of 16x16, 256 apart): warp thread t
+    takes column t // 4 of rows 2(t%4), 2(t%4)+1, 2(t%4)+8, 2(t%4)+9 for columns c and c + 8;
+    then each run of 8 is stored as nibbles 0 2 4 6 1 3 5 7."""
+    order = []
+    for t in range(32):
+        rows = (2 * (t % 4), 2 * (t % 4) + 1, 2 * (t % 4) + 8, 2 * (t % 4) + 9)
+        run = [16 * r + t // 4 + c for c in (0, 8) for r in rows]
+        for tile in range(4):
+            order += [v + 256 * tile for v in run]
+    return [run[i] for start in range(0, 1024, 8) for run in [order[start:start + 8]] for i in (0, 2, 4, 6, 1, 3, 5, 7)]
+
+
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    return ((words.long().unsqueeze(-1) >> (4 * torch.arange(8))) & 15).reshape(words.shape[0], -1)
+
+
+def _reference_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """Element (n, k) of a Marlin int32 [K/16, 2N] weight: row of tiles k // 16, tile n // 16 at
+    256 * (n // 16) + 16 * (k % 16) + n % 16 in natural order, stored at the fragment position."""
+    rows, n = qweight.shape[0], qweight.shape[1] // 2
+    stored = _nibbles(qweight)
+    natural = torch.empty_like(stored)
+    order = torch.tensor(_fragment_order())
+    for chunk in range(0, 16 * n, 1024):
+        natural[:, chunk + order] = stored[:, chunk:chunk + 1024]
+    nn_, kk = torch.meshgrid(torch.arange(n), torch.arange(rows * 16), indexing="ij")
+    return natural[kk // 16, 256 * (nn_ // 16) + 16 * (kk % 16) + nn_ % 16]
+
+
+def _reference_scales(stored: torch.Tensor, single_group: bool) -> torch.Tensor:
+    """Grouped: each 64 columns stored as i + 8j for i, j < 8; one group: each 32 as
+    2i + {0, 1, 8, 9, 16, 17, 24, 25} for i < 4."""
+    order = ([i + 8 * j for i in range(8) for j in range(8)] if not single_group
+             else [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)])
+    natural = torch.empty_like(stored)
+    for start in range(0, stored.shape[1], len(order)):
+        natural[:, start + torch.tensor(order)] = stored[:, start:start + len(order)]
+    return natural
+
+
+def _reference_zero_points(words: torch.Tensor) -> torch.Tensor:
+    stored = _nibbles(words).reshape(-1, 8)
+    deinterleaved = torch.empty_like(stored)
+    deinterleaved[:, torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])] = stored
+    return _reference_scales(deinterleaved.reshape(words.shape[0], -1), single_group=False)
+
+
+def _gptq_int4(n: int, k: int, group_size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Canonical int4 as a GPTQ/AWQ checkpoint gives it: integer zero points zp, z = (8 - zp) * s."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(n, k // group_size, generator=gen) * 0.02 + 0.001
+    zero_points = torch.randint(0, 16, scales.shape, generator=gen)
+    return codes, scales, (8 - zero_points) * scales, zero_points
+
+
+@pytest.mark.parametrize(("k", "group_size"), [(256, 128), (128, 128), (256, 32)])
+def test_marlin_repack_reads_back_through_the_documented_layout(k: int, group_size: int) -> None:
+    from textgen.backends.cuda import quant_marlin as marlin
+
+    codes, scales, _, zero_points = _gptq_int4(128, k, group_size)
+    qweight = marlin.marlin_weight(codes)
+    assert qweight.dtype == torch.int32 and qweight.shape == (k // 16, 256)
+    assert torch.equal(_reference_codes(qweight), codes.long())
+    single = group_size == k
+    stored_scales = marlin.marlin_scales(scales.t().contiguous(), single)
+    assert torch.equal(_reference_scales(stored_scales, single), scales.t())
+    words = marlin.marlin_zero_points(zero_points.t().contiguous().to(torch.int32))
+    assert words.dtype == torch.int32 and words.shape == (k // group_size, 16)
+    assert torch.equal(_reference_zero_points(words), zero_points.t())
+    assert torch.equal(marlin.unmarlin_weight(qweight), codes.long())
+
+
+def test_marlin_zero_points_must_be_integers() -> None:
+    from textgen.backends.cuda import quant_marlin as marlin
+    from textgen.core.quantization.kernels import quantize_int4_groups
+
+    _, scales, zeros, zero_points = _gptq_int4(64, 128, 64)
+    assert torch.equal(marlin.integer_zero_points(scales, zeros), zero_points.to(torch.int32))
+    _, min_max_scales, min_max_zeros = quantize_int4_groups(torch.randn(64, 128), 64)
+    assert marlin.integer_zero_points(min_max_scales, min_max_zeros) is None
+
+
+def test_marlin_reasons_name_package_device_and_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    from textgen.backends.cuda import quant_marlin as marlin
+
+    monkeypatch.setattr(marlin, "find_spec", lambda name: None)
+    assert marlin.package_reasons() == ["the kernels package is not installed (pip install 'kernels>=0.17'; it fetches "
+                                        "kernels-community/quantization from the Hugging Face Hub)"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert marlin.device_reasons(torch.device("cuda", 0)) == [
+        "CUDA compute capability 7.5 is below 8.0 (Marlin needs Ampere or later)"]
+    assert marlin.shape_reasons(96, 192, 16, torch.float32) == [
+        "a 96x192 weight: Marlin needs the input size a multiple of 128 and the output size of 64",
+        "group size 16 is not one of (32, 64, 128) or the whole row",
+        "compute dtype torch.float32 is not float16 or bfloat16"]
+    assert marlin.shape_reasons(64, 256, 256, torch.bfloat16) == []
+
+
+class MarlinOpsStandIn:
+    """The hub kernel's `gptq_marlin_gemm` with its documented semantics: out = a @ W.T with
+    W = (q - zero) * scale read from Marlin's layout (uint4 with zero points)."""
+
+    scalar_types = SimpleNamespace(uint4="uint4", uint4b8="uint4b8")
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def gptq_marlin_gemm(self, a, c, b_q_weight, b_scales, global_scale, b_zeros, g_idx, perm,  # noqa: ANN001
+                         workspace, b_q_type, size_m, size_n, size_k, is_k_full=True, use_atomic_add=False,
+                         use_fp32_reduce=False, is_zp_float=False) -> torch.Tensor:
+        assert a.is_contiguous() and a.shape == (size_m, size_k) and a.dtype == b_scales.dtype
+        assert c is None and global_scale is None and not is_zp_float
+        assert b_q_weight.dtype == torch.int32 and b_q_weight.shape == (size_k // 16, size_n * 2)
+        groups = b_scales.shape[0]
+        assert b_scales.shape == (groups, size_n) and b_zeros.dtype == torch.int32
+        assert b_zeros.shape == (groups, size_n // 8)
+        assert g_idx.numel() == 0 and perm.numel() == 0 and is_k_full and b_q_type == "uint4"
+        assert workspace.dtype == torch.int32 and workspace.numel() >= size_n // 64 * 16
+        self.calls += 1
+        scales = _reference_scales(b_scales, single_group=groups == 1).double().t()
+        zeros = _reference_zero_points(b_zeros).double().t()
+        size = size_k // groups
+        weight = (_reference_codes(b_q_weight).double() - zeros.repeat_interleave(size, 1)) * \
+            scales.repeat_interleave(size, 1)
+        return (a.double() @ weight.t()).to(a.dtype)
+
+
+@pytest.fixture
+def marlin_ops(monkeypatch: pytest.MonkeyPatch) -> MarlinOpsStandIn:
+    from textgen.backends.cuda import quant_marlin as marlin
+
+    stand_in = MarlinOpsStandIn()
+    monkeypatch.setattr(marlin, "load_ops", lambda: stand_in)
+    monkeypatch.setattr(marlin, "package_reasons", lambda: [])
+    monkeypatch.setattr(marlin, "device_reasons", lambda device: [])  # as on an sm80+ device
+    return stand_in
+
+
+@pytest.mark.parametrize(("k", "group_size"), [(256, 128), (128, 128)])
+def test_marlin_path_matches_dequantize_and_gemm(marlin_ops: MarlinOpsStandIn, k: int, group_size: int) -> None:
+    from textgen.core.quantization.kernels import dequantize_int4
+
+    codes, scales, zeros, _ = _gptq_int4(192, k, group_size, seed=4)
+    layer = nn_layer(torch.float16)
+    kernels = CUDAKernels()
+    kernels.pack_int4(layer, codes, scales, zeros, group_size)
+    assert layer.weight_format == "int4_marlin"
+    reference = dequantize_int4(codes, scales, zeros, torch.float64)
+    assert torch.allclose(kernels.dense_weight(layer, torch.float64), reference, atol=1e-3)
+    x = torch.randn(3, 2, k, generator=torch.Generator().manual_seed(5)).to(torch.float16)
+    bias = torch.randn(192).to(torch.float16)
+    out = kernels.apply(layer, x, bias)
+    assert marlin_ops.calls == 1 and out.shape == (3, 2, 192) and out.dtype == torch.float16
+    assert _relative_error(out - bias, F.linear(x.double(), reference)) < 2e-3
+
+
+def test_marlin_falls_back_for_min_max_zeros_with_the_reason(
+        marlin_ops: MarlinOpsStandIn, caplog: pytest.LogCaptureFixture) -> None:
+    from textgen.core.quantization.kernels import quantize_int4_groups
+
+    qk.report_fallback.cache_clear()
+    codes, scales, zeros = quantize_int4_groups(torch.randn(64, 128), 64)
+    layer = nn_layer(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger=qk.__name__):
+        CUDAKernels().pack_int4(layer, codes, scales, zeros, 64)
+    assert layer.weight_format == "int4" and marlin_ops.calls == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "int4 64x128 weight: dequantize + GEMM instead of Marlin: its zero points are not integers (on-the-fly "
+        "int4's min/max zeros); Marlin takes integer zero points (GPTQ / AWQ checkpoints)"]
+
+
+def nn_layer(dtype: torch.dtype) -> torch.nn.Module:
+    layer = torch.nn.Module()
+    layer.compute_dtype = dtype
+    return layer
+
+
+def _marlin_gpu() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("kernels") is not None and torch.cuda.is_available() and \
+        torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.skipif(not _marlin_gpu(), reason="needs a CUDA GPU of compute capability 8.0+ and the kernels package "
+                    "(with kernels-community/quantization on the Hub or in its cache)")
+def test_real_marlin_matches_dequantize_and_gemm_on_gpu() -> None:
+    from textgen.core.quantization.kernels import dequantize_int4
+
+    codes, scales, zeros, _ = _gptq_int4(256, 512, 128, seed=6)
+    layer = nn_layer(torch.float16)
+    kernels = CUDAKernels()
+    kernels.pack_int4(layer, codes.cuda(), scales.cuda(), zeros.cuda(), 128)
+    assert layer.weight_format == "int4_marlin"
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(7)).to("cuda", torch.float16)
+    reference = F.linear(x.double(), dequantize_int4(codes, scales, zeros, torch.float64).cuda())
+    assert _relative_error(kernels.apply(layer, x, None).cpu(), reference.cpu()) < 2e-3
