@@ -272,8 +272,9 @@ def test_marlin_reasons_name_package_device_and_shape(monkeypatch: pytest.Monkey
     from textgen.backends.cuda import quant_marlin as marlin
 
     monkeypatch.setattr(marlin, "find_spec", lambda name: None)
-    assert marlin.package_reasons() == ["the kernels package is not installed (pip install 'kernels>=0.17'; it fetches "
-                                        "kernels-community/quantization from the Hugging Face Hub)"]
+    assert marlin.package_reasons() == [
+        "the kernels package is not installed (pip install 'kernels>=0.17'; it fetches "
+        "kernels-community/quantization from the Hugging Face Hub)"]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert marlin.device_reasons(torch.device("cuda", 0)) == [
         "CUDA compute capability 7.5 is below 8.0 (Marlin needs Ampere or later)"]
