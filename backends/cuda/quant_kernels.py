@@ -83,8 +83,8 @@ def quantize_fp8_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def marlin_reasons(codes: torch.Tensor, group_size: int, dtype: torch.dtype, has_integer_zeros: bool) -> list[str]:
     """Why an int4 weight cannot run on Marlin here (empty = it can), the cheap checks first."""
     n, k = codes.shape
-    reasons = marlin.package_reasons() + marlin.device_reasons(codes.device) + marlin.shape_reasons(n, k, group_size,
-                                                                                                      dtype)
+    reasons = marlin.package_reasons() + marlin.device_reasons(codes.device)
+    reasons += marlin.shape_reasons(n, k, group_size, dtype)
     if not has_integer_zeros:
         reasons.append("its zero points are not integers (on-the-fly int4's min/max zeros); Marlin takes integer "
                        "zero points (GPTQ / AWQ checkpoints)")
@@ -115,7 +115,8 @@ class CUDAKernels(PortableKernels):
         replace_weight(layer, marlin_qweight=marlin.marlin_weight(codes),
                        marlin_scales=marlin.marlin_scales(scales.t().to(dtype).contiguous(), single_group),
                        marlin_zeros=marlin.marlin_zero_points(zero_points.t().contiguous()),
-                       marlin_workspace=torch.zeros(n // marlin.MIN_N * 16, dtype=torch.int32, device=codes.device),
+                       marlin_workspace=torch.zeros(marlin.workspace_size(n, codes.device), dtype=torch.int32,
+                                                    device=codes.device),
                        marlin_no_act_order=torch.empty(0, dtype=torch.int32, device=codes.device))
         layer.weight_format, layer.marlin_single_group = "int4_marlin", single_group
 

@@ -89,11 +89,19 @@ def shape_reasons(n: int, k: int, group_size: int, dtype: torch.dtype) -> list[s
 
 def integer_zero_points(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor | None:
     """Canonical float zeros z = (8 - zp) * s back to integer zp [N, G], None when they are not."""
-    zp = 8 - zeros.float() / scales.float()
+    scales = scales.float()
+    zp = torch.where(scales == 0, 8.0, 8 - zeros.float() / scales.masked_fill(scales == 0, 1))  # s = 0: any zp
     rounded = zp.round()
     if not bool(((zp - rounded).abs() <= ZERO_POINT_TOLERANCE).all()) or rounded.min() < 0 or rounded.max() > 15:
         return None
     return rounded.to(torch.int32)
+
+
+def workspace_size(n: int, device: torch.device) -> int:
+    """int32 lock slots the kernel's parallel reduction needs: 16 per 64 output columns (the
+    original Marlin) and at least 4 per SM (newer builds size it by the SM count)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    return max(n // MIN_N * 16, 4 * sms)
 
 
 def pack_columns(values: torch.Tensor) -> torch.Tensor:

@@ -264,6 +264,8 @@ def test_marlin_zero_points_must_be_integers() -> None:
 
     _, scales, zeros, zero_points = _gptq_int4(64, 128, 64)
     assert torch.equal(marlin.integer_zero_points(scales, zeros), zero_points.to(torch.int32))
+    scales[0, 0], zeros[0, 0] = 0.0, 0.0  # a dead group: W = 0 whatever the zero point
+    assert int(marlin.integer_zero_points(scales, zeros)[0, 0]) == 8
     _, min_max_scales, min_max_zeros = quantize_int4_groups(torch.randn(64, 128), 64)
     assert marlin.integer_zero_points(min_max_scales, min_max_zeros) is None
 
