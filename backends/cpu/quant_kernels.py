@@ -98,7 +98,7 @@ class CPUKernels(PortableKernels):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > MAX_PACKED_ROWS or layer.weight_format == "int4" or x.dtype != layer.compute_dtype:
+        if rows > MAX_PACKED_ROWS or layer.weight_format not in ("int4_cpu", "int8") or x.dtype != layer.compute_dtype:
             return F.linear(x, self.dense_weight(layer, x.dtype), bias)
         flat = x.reshape(rows, x.shape[-1]).contiguous()
         if layer.weight_format == "int4_cpu":

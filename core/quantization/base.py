@@ -5,8 +5,8 @@ Two halves, so that one on-disk format runs on several devices:
   checkpoint holds on each linear layer, and after loading turns them into canonical quantized
   weights handed to the kernels (or keeps them as they are when it computes itself).
 - `WeightKernels`: a backend's kernels for the canonical forms (int4 grouped with float zeros,
-  int8 per output channel, dense). The backend offers them through `textgen_quantizers`
-  (`QuantizerInfo.kernels`); the portable ones dequantize and call `F.linear`.
+  int8 per output channel, fp8 e4m3 per output channel, dense). The backend offers them through
+  `textgen_quantizers` (`QuantizerInfo.kernels`); the portable ones dequantize and call `F.linear`.
 
 Per model, before any weight: the loader passes the checkpoint's (name, tensor) stream through
 `rename_checkpoint_tensors`, for formats whose tensor names are not parameter names (bitsandbytes'
@@ -51,6 +51,10 @@ class WeightKernels(ABC):
     @abstractmethod
     def pack_int8(self, layer: torch.nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """codes int8 [N, K]; scales [N]; W = codes * s."""
+
+    @abstractmethod
+    def pack_fp8(self, layer: torch.nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        """codes float8_e4m3fn [N, K]; scales float32 [N] (equal rows for a per-tensor scale); W = codes * s."""
 
     @abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -28,7 +28,8 @@ FLAG_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # What a method needs when the chosen backend does not offer it (the rest: "not offered").
 REQUIREMENTS = {
-    "eetq": "eetq needs CUDA (the eetq package's int8 kernels)",
+    "eetq": ("eetq is not supported: its CUDA int8 kernels ship only in the eetq package, which is not on "
+             "PyPI (TGI builds it from source); --quantize int8 is the int8 weight-only method here"),
     "exl2": "exl2 needs CUDA (exllamav2 kernels)",
     "marlin": "marlin needs CUDA (Marlin kernels, compute capability >= 8.0)",
 }

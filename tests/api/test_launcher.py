@@ -58,7 +58,9 @@ def test_bad_values_name_their_source():
 
 @pytest.mark.parametrize(("argv", "env", "reason"), [
     (["--quantize", "eetq", "--backend", "cpu"], {}, "quantization 'eetq' (--quantize eetq) cannot run on backend "
-     "'cpu': eetq needs CUDA (the eetq package's int8 kernels) (methods it runs: awq, bitsandbytes, compressed-tensors, fp8, gptq, int4, int8)"),
+     "'cpu': eetq is not supported: its CUDA int8 kernels ship only in the eetq package, which is not on PyPI "
+     "(TGI builds it from source); --quantize int8 is the int8 weight-only method here (methods it runs: awq, "
+     "bitsandbytes, compressed-tensors, fp8, gptq, int4, int8)"),
     (["--num-shard", "0"], {}, "`num_shard` cannot be < 1"),
     (["--sharded", "true"], {}, "`sharded` is true but `num_shard` <= 1"),
     (["--max-input-tokens", "10", "--max-input-length", "10"], {},
