@@ -110,7 +110,8 @@ class GenerationService:
         self.latency = latency
 
     def _engine_request(self, valid: ValidRequest) -> EngineRequest:
-        return EngineRequest(uuid.uuid4().hex, list(valid.prompt_ids), valid.params)
+        return EngineRequest(uuid.uuid4().hex, list(valid.prompt_ids), valid.params,
+                             adapter_id=valid.parameters.adapter_id)
 
     async def generate(self, valid: ValidRequest) -> Generation:
         gen = Generation(input_length=valid.input_length)

@@ -16,6 +16,7 @@ from typing import Any
 
 from textgen.api.kv_events import KVEventsError, attach_kv_events, endpoint_reasons
 from textgen.api.launcher_flags import FLAGS, FlagError, add_flags, resolve
+from textgen.api.shards import ShardGroup, TopologyError, topology_for
 
 log = logging.getLogger("textgen.launcher")
 EXIT_USAGE = 2  # a flag or combination to change
@@ -42,8 +43,6 @@ def check_options(o: Mapping[str, Any]) -> list[str]:
     num_shard = o["num_shard"]
     if num_shard is not None and num_shard < 1:
         reasons.append("`num_shard` cannot be < 1")
-    elif num_shard is not None and num_shard > 1:
-        reasons.append(f"num-shard {num_shard} is not supported yet by textgen (supported: 1)")
     if o["sharded"] and (num_shard or 1) <= 1:
         reasons.append("`sharded` is true but `num_shard` <= 1")
     reasons += _budget_reasons(o)
@@ -52,6 +51,7 @@ def check_options(o: Mapping[str, Any]) -> list[str]:
     if o["speculative_model"] and not o["speculate"]:
         reasons.append("--speculative-model needs --speculate N (draft tokens per step), e.g. --speculate 4")
     reasons += endpoint_reasons(o["kv_events_endpoint"])
+    reasons += _lora_reasons(o)
     for name in ("validation_workers", "max_concurrent_requests", "max_client_batch_size", "payload_limit",
                  "block_size"):
         if o[name] is not None and o[name] <= 0:
@@ -101,6 +101,16 @@ def _budget_reasons(o: Mapping[str, Any]) -> list[str]:
     return reasons
 
 
+def _lora_reasons(o: Mapping[str, Any]) -> list[str]:
+    from textgen.core.lora import LoraError, parse_adapter_list
+
+    try:
+        parse_adapter_list(o["lora_adapters"])
+    except LoraError as exc:
+        return [str(exc)]
+    return [f"`{name}` must be > 0" for name in ("max_loras", "max_lora_rank") if o[name] is not None and o[name] <= 0]
+
+
 _OWN_DESTS = {f.dest for f in FLAGS} | {"command", "func"}
 
 
@@ -121,6 +131,8 @@ def engine_config(o: Mapping[str, Any], args: argparse.Namespace) -> Any:
         max_batch_total_tokens=o["max_batch_total_tokens"], max_batch_size=o["max_batch_size"],
         waiting_served_ratio=o["waiting_served_ratio"], speculate=o["speculate"] or 0,
         speculative_model=o["speculative_model"], extra=extra,
+        lora_adapters=tuple(p.strip() for p in (o["lora_adapters"] or "").split(",") if p.strip()),
+        enable_lora=bool(o["allow_runtime_lora_updating"]), max_loras=o["max_loras"], max_lora_rank=o["max_lora_rank"],
     )
 
 
@@ -133,7 +145,7 @@ def server_settings(o: Mapping[str, Any], engine: Any, tracing: bool = False) ->
         api_key=o["api_key"], cors_allow_origin=list(o["cors_allow_origin"]), payload_limit=o["payload_limit"],
         compute_type=compute_type, disable_grammar_support=o["disable_grammar_support"], grpc_port=o["grpc_port"],
         hostname=o["hostname"], shutdown_timeout_s=o["shutdown_timeout"], watchdog_timeout_s=o["watchdog_timeout"],
-        tracing=tracing,
+        tracing=tracing, allow_runtime_lora_updating=bool(o["allow_runtime_lora_updating"]),
     )
 
 
@@ -148,9 +160,11 @@ def listen_address(hostname: str) -> str:
 
 
 def model_line(o: Mapping[str, Any], engine: Any) -> str:
-    """What is being served, in one line: model, revision, backend, dtype, quantization."""
+    """What is being served, in one line: model, revision, backend, dtype, quantization method (the
+    flag's, else the checkpoint's) and the weights' size."""
     return (f"model {engine.model_id} revision {o['revision'] or 'default'} backend {engine.backend_name} "
-            f"device {engine.device} dtype {engine.dtype} quantize {o['quantize'] or 'none'}")
+            f"device {engine.device} dtype {engine.dtype} quantize {engine.quantize or 'none'} "
+            f"weights {engine.weight_bytes / 2**20:.1f} MiB")
 
 
 def budget_lines(engine: Any) -> list[str]:
@@ -179,11 +193,23 @@ def serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) ->
 
     configure_logging(options["json_output"], options["log_level"])
     tracer_provider = configure_tracing(options["otlp_endpoint"], options["otlp_service_name"])
+    try:
+        topology = topology_for(options, os.environ if environ is None else environ)
+    except TopologyError as exc:
+        return _fail(str(exc))
+    shards = ShardGroup.start(topology, engine_config(options, args)) if topology is not None else None
+    if shards is not None and not shards.serves_http:
+        return shards.wait()  # another node's ranks: no HTTP here
     engine = _start_engine(options, args)
     if isinstance(engine, int):
+        if shards is not None:
+            shards.stop()
         return engine
     publisher = None
     try:
+        if shards is not None:
+            shards.watch(engine)
+            print(shards.describe(engine), flush=True)
         if options["kv_events_endpoint"] is not None:
             publisher = attach_kv_events(engine, options["kv_events_endpoint"], options["kv_events_topic"])
         print(model_line(options, engine), flush=True)
@@ -194,6 +220,8 @@ def serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) ->
         return _fail(str(exc))
     finally:
         engine.shutdown()
+        if shards is not None:
+            shards.stop(engine)
         if publisher is not None:
             publisher.close()
         if tracer_provider is not None:

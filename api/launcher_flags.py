@@ -67,7 +67,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("revision", "REVISION", help="model revision (branch, tag or commit) on the hub"),
     Flag("validation-workers", "VALIDATION_WORKERS", int, 2, "threads for tokenization and chat templates"),
     Flag("sharded", "SHARDED", parse_bool, None, "shard the model (needs --num-shard > 1)", "switch"),
-    Flag("num-shard", "NUM_SHARD", int, None, "number of tensor-parallel shards (textgen supports 1 for now)"),
+    Flag("num-shard", "NUM_SHARD", int, None, "tensor-parallel ranks on this node (also SM_NUM_GPUS; see README)"),
     Flag("quantize", "QUANTIZE", str, None, "quantization method", choices=QUANTIZE_METHODS),
     Flag("speculate", "SPECULATE", int, None, "speculative decoding: draft tokens verified per step, by n-gram "
          "prompt lookup (or the model given by --speculative-model)"),
@@ -99,6 +99,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("disable-grammar-support", "DISABLE_GRAMMAR_SUPPORT", parse_bool, False, "refuse grammar / response_format", "switch"),
     Flag("max-client-batch-size", "MAX_CLIENT_BATCH_SIZE", int, 4, "most prompts in one /v1/completions request"),
     Flag("payload-limit", "PAYLOAD_LIMIT", int, 2_000_000, "largest request body in bytes (413 above)"),
+    Flag("master-addr", "MASTER_ADDR", str, "localhost", "address of rank 0's torch.distributed store"),
+    Flag("master-port", "MASTER_PORT", int, 29500, "port of rank 0's torch.distributed store"),
     Flag("backend", "TEXTGEN_BACKEND", str, None, "force a backend plugin (see `textgen backends`)"),
     Flag("block-size", "BLOCK_SIZE", int, None, "tokens per KV cache block (default: the attention kernel's preferred size)"),
     Flag("attention-backend", "TEXTGEN_ATTENTION_BACKEND", str, None,
@@ -113,6 +115,12 @@ FLAGS: tuple[Flag, ...] = (
          "(default 1.0 on accelerators; on CPU unset keeps the 4 GiB / TEXTGEN_CPU_KV_CACHE_GB cap)"),
     Flag("num-kv-blocks", "NUM_KV_BLOCKS", int, None, "KV cache blocks (default: from memory)"),
     Flag("prefix-caching", "PREFIX_CACHING", parse_bool, True, "reuse the KV cache of shared prompt prefixes (true/false)"),
+    Flag("lora-adapters", "LORA_ADAPTERS", str, None,
+         "LoRA adapters to serve, comma-separated: `name=path`, `hub/id` or `hub/id@revision`"),
+    Flag("max-loras", "MAX_LORAS", int, 8, "LoRA adapters resident at once; the others load on demand (LRU)"),
+    Flag("max-lora-rank", "MAX_LORA_RANK", int, 16, "largest LoRA rank an adapter may have"),
+    Flag("allow-runtime-lora-updating", "ALLOW_RUNTIME_LORA_UPDATING", parse_bool, False,
+         "mount POST /v1/load_lora_adapter and /v1/unload_lora_adapter", "switch"),
     Flag("log-level", "LOG_LEVEL", str, "info", "debug, info, warning or error"),
     Flag("kv-events-endpoint", "KV_EVENTS_ENDPOINT", str, None, "publish KV-cache events over ZMQ in vLLM's format (tcp://*:5557 binds, tcp://host:port connects)"),
     Flag("kv-events-topic", "KV_EVENTS_TOPIC", str, "", "ZMQ topic of the KV-cache events (llm-d: kv@<pod-ip>@<model>)"),
@@ -162,6 +170,9 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, A
             values[flag.dest] = flag.default
     if values["model_id"] is None:
         values["model_id"] = _default_model_id()
+    if getattr(args, "num_shard", None) is None and environ.get("SM_NUM_GPUS") not in (None, ""):
+        flag = next(f for f in FLAGS if f.dest == "num_shard")  # SageMaker: TGI's entrypoint exports it as NUM_SHARD
+        values["num_shard"] = _convert(flag, environ["SM_NUM_GPUS"], "SM_NUM_GPUS")
     return values
 
 

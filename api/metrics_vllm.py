@@ -15,8 +15,9 @@ types, labels and meaning as vLLM:
   block count whatever the device, as vLLM's CPU build reports it;
 - `vllm:lora_requests_info` (gauge, labels max_lora, waiting_lora_adapters,
   running_lora_adapters; its value is the Unix time the labels were observed, vLLM's
-  `set_to_current_time()`, so a reader takes the newest series). textgen serves no LoRA adapters
-  yet: the adapter lists are empty and max_lora is "0".
+  `set_to_current_time()`, so a reader takes the newest series). The adapter lists are the
+  comma-joined names of the adapters of waiting and running requests; max_lora is --max-loras
+  ("0" when LoRA is off).
 
 Values are read from `engine.stats()` at scrape time, like TGI's gauges: no second bookkeeping.
 """
@@ -56,12 +57,13 @@ class VllmGauges:
             gauge.add_metric(engine_labels, float(value))
             yield gauge
         yield _cache_config_info(s)
-        yield self._lora_info()
+        yield self._lora_info(s)
 
-    def _lora_info(self) -> Metric:
+    def _lora_info(self, s: EngineStats) -> Metric:
         gauge = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
                                   labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
-        gauge.add_metric(["0", "", ""], self._clock())
+        gauge.add_metric([str(s.max_loras), ",".join(s.waiting_lora_adapters), ",".join(s.running_lora_adapters)],
+                         self._clock())
         return gauge
 
 

@@ -34,7 +34,7 @@ def chat_parameters(body: ChatRequest) -> GenerateParameters:
     return GenerateParameters(
         temperature=temperature, frequency_penalty=body.frequency_penalty, top_p=body.top_p,
         do_sample=do_sample, max_new_tokens=body.max_tokens, stop=list(body.stop or []), details=True,
-        seed=body.seed, top_n_tokens=body.top_logprobs, grammar=body.response_format,
+        seed=body.seed, top_n_tokens=body.top_logprobs, grammar=body.response_format, adapter_id=body.model,
     )
 
 
@@ -44,8 +44,16 @@ def completion_parameters(body: CompletionRequest) -> GenerateParameters:
         temperature=temperature, repetition_penalty=body.repetition_penalty,
         frequency_penalty=body.frequency_penalty, top_p=body.top_p, do_sample=do_sample,
         max_new_tokens=body.max_tokens, stop=list(body.stop or []), details=True, seed=body.seed,
-        top_n_tokens=body.logprobs,
+        top_n_tokens=body.logprobs, adapter_id=body.model,
     )
+
+
+def model_adapter(model: str | None, adapters: Any) -> str | None:
+    """OpenAI's `model` picks a LoRA adapter when it names one; any other value (the base model's
+    id, "tgi", a client's placeholder) means the base model, as before adapters existed."""
+    if model is None or adapters is None or model not in adapters.names():
+        return None
+    return model
 
 
 def check_n(n: int | None, limits: Limits) -> int:
@@ -94,6 +102,7 @@ async def validate_openai(state: AppState, prompt: str, params: GenerateParamete
     """TGI's validation, then OpenAI's meaning for the penalties; `prompt_logprobs` asks for the
     prompt tokens' logprobs (completions' echo with logprobs)."""
     check_parameters(params, state.limits)
+    params.adapter_id = model_adapter(params.adapter_id, state.validator.lora)
     presence = check_presence_penalty(presence_penalty)
     vocab = getattr(state.engine.hf_config, "vocab_size", None) or len(state.engine.tokenizer)
     biases = logit_bias(bias, int(vocab))

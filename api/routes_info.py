@@ -16,7 +16,8 @@ log = logging.getLogger("textgen.api")
 
 def info(state: AppState) -> dict[str, object]:
     """TGI's Info in serde order, then textgen's additions (older TGI had model_dtype and
-    model_device_type here too)."""
+    model_device_type here too; `quantize` is the method by its --quantize name, null for plain
+    weights, `quantization` its description and `weight_bytes` the loaded weights' size)."""
     c, s, e = state.engine.config, state.settings, state.engine
     return {
         "model_id": state.model_id, "model_sha": s.model_sha, "model_pipeline_tag": s.model_pipeline_tag,
@@ -30,6 +31,8 @@ def info(state: AppState) -> dict[str, object]:
         "max_batch_size": c.max_batch_size, "max_top_n_tokens": c.max_top_n_tokens,
         "waiting_served_ratio": c.waiting_served_ratio, "block_size": c.block_size,
         "prefix_caching": c.enable_prefix_caching, "speculate": c.speculate,
+        "quantize": e.quantize, "quantization": e.quantization, "weight_bytes": e.weight_bytes,
+        "lora_adapters": state.validator.lora.names() if state.validator.lora is not None else [],
     }
 
 

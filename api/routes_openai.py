@@ -193,6 +193,9 @@ async def chat_tokenize(request: Request, body: ChatRequest) -> Response:
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
-    model_id = app_state(request).model_id
+    state = app_state(request)
+    model_id, lora = state.model_id, state.validator.lora
+    adapters = [{"id": name, "object": "model", "created": 0, "owned_by": model_id, "parent": model_id}
+                for name in (lora.names() if lora is not None else [])]
     return JSONResponse({"object": "list", "data": [
-        {"id": model_id, "object": "model", "created": 0, "owned_by": model_id}]})
+        {"id": model_id, "object": "model", "created": 0, "owned_by": model_id}, *adapters]})

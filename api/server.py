@@ -110,6 +110,10 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     app.state.textgen = state
     for router in (routes_tgi.router, routes_openai.router, routes_completions.router, routes_info.router):
         app.include_router(router)
+    if settings.allow_runtime_lora_updating:
+        from textgen.api import routes_lora
+
+        app.include_router(routes_lora.router)
     add_ui_routes(app, "/api-doc/openapi.json")
     openapi_doc.install(app, stream_only_paths=("/generate_stream",))
     app.add_api_route("/invocations", invocations, methods=["POST"],

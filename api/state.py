@@ -49,6 +49,7 @@ class ServerSettings:
     shutdown_timeout_s: float = 30.0  # --shutdown-timeout: how long a drain waits for requests in flight
     watchdog_timeout_s: float = 60.0  # --watchdog-timeout: /health fails when no step completes for this long
     tracing: bool = False  # spans are exported (configure_tracing installed a tracer provider)
+    allow_runtime_lora_updating: bool = False  # mounts POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 
     @property
     def compat_return_full_text(self) -> bool:
@@ -77,8 +78,9 @@ class AppState:
         engine.add_step_observer(metrics.step)
         grammar = engine_grammar(engine) if limits.grammar_enabled else None
         service = GenerationService(engine, config.max_concurrent_requests, LatencyMetrics(metrics))
-        return cls(engine, settings, limits, Validator(engine.tokenizer, limits, settings.validation_workers, grammar),
-                   service, metrics)
+        validator = Validator(engine.tokenizer, limits, settings.validation_workers, grammar,
+                              getattr(engine, "lora", None))
+        return cls(engine, settings, limits, validator, service, metrics)
 
     @property
     def model_id(self) -> str:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from textgen.api import tracing
 from textgen.api.errors import ApiError, deserialize_error, validation_error
 from textgen.api.schemas_tgi import GenerateParameters, GrammarType
+from textgen.core.lora import lora_reasons
 from textgen.core.sampling_params import GrammarSpec, SamplingParams
+
+if TYPE_CHECKING:
+    from textgen.core.lora.manager import LoraManager
 
 DEFAULT_GENERATION_LENGTH = 1024  # TGI schedules generation in chunks of this many tokens
 _INLINE_TOKENIZE_CHARS = 2048  # shorter inputs tokenize in microseconds: no thread hop
@@ -178,10 +182,12 @@ def sampling_params(p: GenerateParameters, max_new_tokens: int, grammar: Grammar
 
 
 class Validator:
-    def __init__(self, tokenizer: Any, limits: Limits, workers: int = 2, grammar: Any = None) -> None:
+    def __init__(self, tokenizer: Any, limits: Limits, workers: int = 2, grammar: Any = None,
+                 lora: LoraManager | None = None) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self.grammar = grammar  # the engine's GrammarManager: one compiler and one cache for both
+        self.lora = lora  # the engine's LoRA adapters; None when LoRA is off
         self._limiter = anyio.CapacityLimiter(max(1, workers))
 
     async def run_blocking(self, fn: Any, *args: Any) -> Any:
@@ -208,7 +214,9 @@ class Validator:
     async def _validate(self, inputs: str, p: GenerateParameters, add_special_tokens: bool) -> ValidRequest:
         check_parameters(p, self.limits)
         if p.adapter_id is not None:
-            raise validation_error(f"LoRA adapters are not enabled: `adapter_id` {p.adapter_id!r} cannot be served")
+            reasons = lora_reasons(self.lora, p.adapter_id)
+            if reasons:
+                raise validation_error(reasons[0])
         if inputs == "":
             raise validation_error("`inputs` cannot be empty")
         if p.truncate is not None and not 0 < p.truncate <= self.limits.max_input_tokens:

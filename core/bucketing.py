@@ -161,14 +161,20 @@ class BucketedGraphs(DecodeGraphs):
     def padded_limits(self) -> tuple[int, int]:
         return self.buckets.max_tokens(), self.buckets.max_requests()
 
+    def token_counts(self) -> list[int]:
+        return sorted({shape.tokens for shape in self.buckets.shapes()})
+
     def describe(self) -> str:
-        return (f"graph mode: {self.runner.describe()} over {self.buckets.describe()} "
+        sampler = f", sampler on static shapes ({self.sampler_warmups} warm-up runs)" if self.sampler_warmups else ""
+        return (f"graph mode: {self.runner.describe()} over {self.buckets.describe()}{sampler} "
                 f"(warm-up {self.warmup_seconds:.1f} s)")
 
 
 class BucketedRunner(GraphRunner):
-    """A graph rule for devices that compile per shape: every step runs in a bucket."""
+    """A graph rule for devices that compile per shape: every step runs in a bucket, and the
+    sampler runs on static shapes too (`textgen.core.sampling.static`)."""
 
+    static_sampling: ClassVar[bool] = True
     default_batch_sizes: ClassVar[tuple[int, ...]] = (1, 2, 4, 8, 16, 32, 64)
 
     def make_graphs(self, config: EngineConfig, batch_sizes: tuple[int, ...]) -> DecodeGraphs:

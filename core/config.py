@@ -44,4 +44,9 @@ class EngineConfig:
     max_batch_size: int | None = None
     waiting_served_ratio: float = 0.3
 
+    lora_adapters: tuple[str, ...] = ()  # --lora-adapters entries: `name=path`, `hub/id`, `hub/id@revision`
+    enable_lora: bool = False  # serve LoRA even with no adapter at start (runtime loading)
+    max_loras: int = 8  # adapters resident at once (vLLM's --max-loras); others load on demand
+    max_lora_rank: int = 16  # largest adapter rank (vLLM's --max-lora-rank)
+
     extra: dict[str, object] = field(default_factory=dict)

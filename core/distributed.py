@@ -46,6 +46,14 @@ class Communicator:
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
+    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Minimum over ranks, in place; returns `tensor` (e.g. the KV blocks every rank can hold)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
+        return tensor
+
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Every rank's `tensor` concatenated along `dim`, in rank order."""
         world = self.world_size

@@ -49,6 +49,10 @@ class GraphRunner(ABC):
     name: ClassVar[str]
     default_batch_sizes: ClassVar[tuple[int, ...]] = ()  # when --cuda-graphs is not given; () = off
     requires_capture_safe_kernel: ClassVar[bool] = False  # device graphs: the kernel must declare it
+    static_sampling: ClassVar[bool] = False  # sample on static shapes (`textgen.core.sampling.static`)
+
+    def cut(self) -> None:
+        """End the device's lazy program here (XLA: torch_xla.sync()); eager devices: nothing."""
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Adjust the model for capture (default: nothing)."""
@@ -76,6 +80,11 @@ class DecodeGraphs:
     graphs: dict[int, StepForward]
     warmup_seconds: float = 0.0
     replays: dict[int, int] = field(default_factory=dict)  # steps run per bucket since startup
+    sampler_warmups: int = 0  # static sampling: warm-up runs of its programs
+
+    def token_counts(self) -> list[int]:
+        """The hidden-state row counts a step in a bucket produces."""
+        return list(self.batch_sizes)
 
     def bucket_for(self, scheduled: Sequence[ScheduledRequest]) -> int | None:
         """The smallest bucket holding a decode-only step; None runs the step eagerly."""

@@ -38,6 +38,8 @@ MIXED_STEPS = (
     dict(cached=[9, 0, 12, 5], query=[7, 11, 1, 1]),  # chunk after a prefix, prefill, 2 decodes
     dict(cached=[3, 30, 17, 0], query=[1, 1, 1, 1]),  # decodes only (one of a fresh 1-token prompt)
     dict(cached=[0], query=[13]),  # one fresh prefill
+    # long chunks (a kernel may route them apart from decodes) next to a decode and a short chunk
+    dict(cached=[20, 0, 33, 6], query=[40, 37, 1, 3]),
 )
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 

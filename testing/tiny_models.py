@@ -93,6 +93,12 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
                                      "moe_intermediate_size": 32, "norm_topk_prob": True,
                                      "initializer_range": 0.1}),
+    # no native module: served through the transformers fallback
+    "olmo": ("OlmoConfig", {"clip_qkv": 2.0}),
+    "helium": ("HeliumConfig", {"head_dim": 16}),
+    "glm": ("GlmConfig", {"head_dim": 16, "partial_rotary_factor": 0.5}),
+    "exaone4": ("Exaone4Config", {"sliding_window": 8, "layer_types": _LAYER_PAIR}),
+    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0], "layer_types": ["full_attention"] * 2}),
 }
 _ORIGINAL = ("llama", "mistral", "qwen2")
 
@@ -130,5 +136,45 @@ def make_tiny_model(out: str | os.PathLike, arch: str = "llama", seed: int = 0, 
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if arch not in _ORIGINAL:
         _randomise_vectors(model, seed)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def make_t5_tokenizer(out: str | os.PathLike, vocab_size: int = 500) -> None:
+    """A unigram (sentencepiece-style) tokenizer trained on 6 stdlib files, saved as transformers'
+    T5 tokenizer: ids 0, 1, 2 = <pad>, </s>, <unk> as in T5; </s> appended to every encoding.
+    (Unigram training is far slower than BPE's: a few files keep it to seconds.)"""
+    from tokenizers import SentencePieceUnigramTokenizer, processors
+    from transformers import T5Tokenizer
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:6]
+    tok = SentencePieceUnigramTokenizer()
+    tok.train(files, vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+              show_progress=False)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    T5Tokenizer(tokenizer_object=tok._tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                extra_ids=0).save_pretrained(str(out))
+
+
+def make_tiny_t5(out: str | os.PathLike, seed: int = 0, **overrides: object) -> Path:
+    """A tiny random Flan-T5-shaped T5ForConditionalGeneration (gated-gelu, untied head) with its
+    tokenizer; 1-D parameters (the layer norms) randomised as for the causal families. With
+    initializer_factor 1 the random model only ever predicts <pad>; 5 gives varied tokens."""
+    import torch
+    import transformers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    make_t5_tokenizer(out)
+    vocab = len(transformers.AutoTokenizer.from_pretrained(str(out)))
+    config = transformers.T5Config(**{
+        "vocab_size": vocab, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2,
+        "num_heads": 4, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32,
+        "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1,
+        "decoder_start_token_id": 0, "initializer_factor": 5.0, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(config)
+    _randomise_vectors(model, seed)
     model.save_pretrained(str(out), safe_serialization=True)
     return out

@@ -42,3 +42,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_llama, tmp_path_factory) -> dict[str, str]:
+    """Two PEFT adapters of the tiny Llama: "a" (rank 4, every linear) and "b" (rank 8, rslora,
+    q/v/down only), name -> folder."""
+    from textgen.testing.lora_adapters import make_lora_adapter
+
+    root = tmp_path_factory.mktemp("lora")
+    return {
+        "a": make_lora_adapter(tiny_llama, root / "a", rank=4, alpha=8, seed=1),
+        "b": make_lora_adapter(tiny_llama, root / "b", rank=8, alpha=16, targets=("q_proj", "v_proj", "down_proj"),
+                               use_rslora=True, seed=2),
+    }

@@ -20,7 +20,9 @@ def textgen_probe_backend(config: object) -> BackendCandidate:
 
 @hookimpl
 def textgen_attention_backends(backend: object) -> list[AttentionBackendInfo]:
-    return [AttentionBackendInfo("cpu_paged", "textgen.backends.cpu.attention:CPUPagedAttention", 0)]
+    # cpu_fused: textgen's C++ kernel, built at first use; cpu_paged (portable torch) where it cannot be
+    return [AttentionBackendInfo("cpu_fused", "textgen.backends.cpu.fused_attention:CPUFusedPagedAttention", 10),
+            AttentionBackendInfo("cpu_paged", "textgen.backends.cpu.attention:CPUPagedAttention", 0)]
 
 
 CPU_KERNELS = "textgen.backends.cpu.quant_kernels:CPUKernels"

@@ -12,9 +12,11 @@ M=1 115/147 us int8/int4 vs 209 us; M=512 68/93 ms vs 192 ms) and dequantize + G
 An earlier session on another VM saw the packed kernels lose 3x at M=64 (ENVIRONMENT.md 5b):
 rerun the script on the serving machine and set the constant from its first losing M.
 
-int4 packing (`_convert_weight_to_int4pack_for_cpu`, uint8 [N, K/2]) stores blocks of 32 output
-rows as [K, 16] bytes, rows r < 16 in the low nibbles and r + 16 in the high ones; `_unpack_int4`
-reverses that for the dequantize path and is checked against the kernel once per process.
+int4 packing (`_convert_weight_to_int4pack_for_cpu`, uint8 [N, K/2]) stores blocks of B output
+rows as [K, B/2] bytes, rows r < B/2 in the low nibbles and r + B/2 in the high ones, B = 64 on
+an AVX-512 build and 32 on AVX2 (a last partial block has yet another layout, so N must be a
+multiple of B); `_unpack_int4` reverses that for the dequantize path, with the B found by
+probing the kernel once per process.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from textgen.core.quantization.kernels import PortableKernels, dequantize_int4, 
 
 MAX_PACKED_ROWS = 512  # rows (tokens) per step up to which the packed kernels run; measured, see above
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes the int4 kernel takes
-INT4_BLOCK_N = 32
+INT4_BLOCK_CANDIDATES = (64, 32)  # rows per packed block: AVX-512, AVX2
 
 
 def int4_reasons(n: int, k: int, group_size: int) -> list[str]:
@@ -38,25 +40,34 @@ def int4_reasons(n: int, k: int, group_size: int) -> list[str]:
         reasons.append(f"group size {group_size} is not one of {INT4_GROUP_SIZES}")
     if k % group_size:
         reasons.append(f"input size {k} is not a multiple of the group size {group_size}")
-    if n % INT4_BLOCK_N:
-        reasons.append(f"output size {n} is not a multiple of {INT4_BLOCK_N}")
+    block = int4_block_n() or INT4_BLOCK_CANDIDATES[-1]
+    if n % block:
+        reasons.append(f"output size {n} is not a multiple of {block}")
     return reasons
 
 
-def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+def _unpack_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
     """The kernel's uint8 [N, K/2] layout back to codes [N, K] (see the module docstring)."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.reshape(n // INT4_BLOCK_N, k, INT4_BLOCK_N // 2)
-    codes = torch.cat((blocks & 0xF, blocks >> 4), dim=-1)  # [N/32, K, 32]
+    blocks = packed.reshape(n // block, k, block // 2)
+    codes = torch.cat((blocks & 0xF, blocks >> 4), dim=-1)  # [N/B, K, B]
     return codes.transpose(1, 2).reshape(n, k)
 
 
 @functools.cache
-def int4_layout_understood() -> bool:
-    """Whether `_unpack_int4` inverts this torch build's packing (else the codes are kept twice)."""
-    codes = torch.randint(0, 16, (64, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+def int4_block_n() -> int | None:
+    """The rows per block of this torch build's int4 packing, None when no known layout matches
+    (then the codes are kept beside the packed weight for the dequantize path)."""
+    codes = torch.randint(0, 16, (128, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    return packed.shape == (64, 64) and torch.equal(_unpack_int4(packed).to(torch.int32), codes)
+    if packed.shape != (128, 64):
+        return None
+    return next((b for b in INT4_BLOCK_CANDIDATES if torch.equal(_unpack_int4(packed, b).to(torch.int32), codes)),
+                None)
+
+
+def int4_layout_understood() -> bool:
+    return int4_block_n() is not None
 
 
 class CPUKernels(PortableKernels):
@@ -81,13 +92,13 @@ class CPUKernels(PortableKernels):
         if layer.weight_format != "int4_cpu":
             return super().dense_weight(layer, dtype)
         codes = getattr(layer, "int4_codes", None)
-        codes = _unpack_int4(layer.int4_packed) if codes is None else codes
+        codes = _unpack_int4(layer.int4_packed, int4_block_n()) if codes is None else codes
         sz = layer.int4_scales_zeros
         return dequantize_int4(codes, sz[..., 0].t(), sz[..., 1].t(), dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > MAX_PACKED_ROWS or layer.weight_format == "int4" or x.dtype != layer.compute_dtype:
+        if rows > MAX_PACKED_ROWS or layer.weight_format not in ("int4_cpu", "int8") or x.dtype != layer.compute_dtype:
             return F.linear(x, self.dense_weight(layer, x.dtype), bias)
         flat = x.reshape(rows, x.shape[-1]).contiguous()
         if layer.weight_format == "int4_cpu":

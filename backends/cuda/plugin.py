@@ -26,6 +26,7 @@ WSL_DRIVER_NODE = "/dev/dxg"  # WSL2 exposes the NVIDIA driver through DirectX i
 FLASH_ATTN = AttentionBackendInfo("flash_attn", "textgen.backends.cuda.attention:FlashAttentionPaged", 10)
 # any block size: serves when flash-attn is missing or the block size is not a multiple of 256
 FLASHINFER = AttentionBackendInfo("flashinfer", "textgen.backends.cuda.flashinfer:FlashInferPaged", 5)
+CUDA_KERNELS = "textgen.backends.cuda.quant_kernels:CUDAKernels"
 
 
 _candidate = BackendIdentity("cuda", PRIORITY, BACKEND_CLASS).candidate
@@ -106,10 +107,11 @@ def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
 
 @hookimpl
 def textgen_quantizers(backend: Backend) -> list[QuantizerInfo] | None:
-    """The built-in formats on the portable kernels (dequantize + cuBLAS GEMM: the memory saving,
-    not yet the speed of Marlin / exllama / _scaled_mm kernels)."""
+    """The built-in formats on the CUDA kernels: fp8 on `torch._scaled_mm` (capability 8.9+), int4
+    GPTQ / AWQ on Marlin (capability 8.0+ and the `kernels` package), else dequantize + cuBLAS GEMM
+    with the reason logged once. See textgen.backends.cuda.quant_kernels."""
     if getattr(backend, "name", None) != "cuda":
         return None
     from textgen.core.quantization.catalog import builtin_quantizers
 
-    return builtin_quantizers()
+    return builtin_quantizers(CUDA_KERNELS)

@@ -30,6 +30,12 @@ class HPUGraphBuckets(BucketedRunner):
         # the KV cache and step buffers are rewritten in place: no cached input copies
         self._graphed = htorch.hpu.wrap_in_hpu_graph(model, disable_tensor_cache=True)
 
+    def cut(self) -> None:
+        """End the lazy graph (the sampler's static-shape programs, `textgen.core.sampling.static`)."""
+        import habana_frameworks.torch as htorch
+
+        htorch.core.mark_step()
+
     def capture(self, batch_size: int, forward: StepForward,
                 example: tuple[torch.Tensor, torch.Tensor, ForwardContext]) -> StepForward:
         import habana_frameworks.torch as htorch

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 PRIORITY = 90
 BACKEND_CLASS = "textgen.backends.gaudi.backend:GaudiBackend"
+HPU_FLAT_PA = AttentionBackendInfo("hpu_flat_pa", "textgen.backends.gaudi.attention:HPUFlatPagedAttention", 10)
 LEGACY_NODES = "/dev/hl[0-9]*"
 ACCEL_NODES = "/dev/accel/accel[0-9]*"
 DRIVER = "habanalabs"
@@ -71,6 +72,7 @@ def textgen_probe_backend(config: EngineConfig | None) -> BackendCandidate:
 
 @hookimpl
 def textgen_attention_backends(backend: Backend) -> list[AttentionBackendInfo]:
-    """The static-shape kernel: under shape bucketing it traces to one program per bucket (the
-    portable kernel's shapes follow each step's lengths: a recompile per step)."""
-    return [STATIC_PAGED]
+    """vllm-hpu-extension's flat_pa when it imports, else the static-shape kernel: under shape
+    bucketing both trace to one graph per bucket (the portable kernel's shapes follow each step's
+    lengths: a recompile per step)."""
+    return [HPU_FLAT_PA, STATIC_PAGED]

@@ -3,8 +3,9 @@ model forward one XLA program, compiled during warm-up and fetched from torch_xl
 
 torch_xla traces lazily: a program is compiled per distinct graph (ops and shapes). The runner
 cuts the trace right after the model's forward (`torch_xla.sync()`), so the model's program is
-the same for every step of a bucket whatever the sampler does next; the sampler's small programs
-are keyed by the number of sampled rows and compile on first use (bounded by max_batch_size).
+the same for every step of a bucket whatever the sampler does next. The sampler runs on static
+shapes (`textgen.core.sampling.static`): `cut()` ends its two programs per step (the gather of the
+sampled rows, then logits and sampling), which are warmed with the buckets.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ class XLABuckets(BucketedRunner):
 
     def __init__(self) -> None:
         self.step_compiles = 0
+
+    def cut(self) -> None:
+        xla_sync()
 
     def capture(self, batch_size: int, forward: StepForward,
                 example: tuple[torch.Tensor, torch.Tensor, ForwardContext]) -> StepForward:

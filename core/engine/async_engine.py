@@ -58,11 +58,14 @@ class AsyncEngine:
         self.config = core.config
         self.tokenizer = core.tokenizer
         self.hf_config = core.runner.hf_config
+        self.lora = core.runner.lora  # LoraManager or None; its registry is safe to use from any thread
         self.model_id = core.config.model_id
         self.model_path = str(core.runner.model_path)
         self.dtype = str(core.runner.dtype)
         self.backend_name = core.backend.name
         self.device = str(core.backend.device)
+        loaded = core.runner.loaded
+        self.quantize, self.quantization, self.weight_bytes = loaded.method, loaded.quantization, loaded.weight_bytes
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -111,6 +114,10 @@ class AsyncEngine:
 
     def is_healthy(self) -> bool:
         return self._healthy and self._thread.is_alive()
+
+    def is_running(self) -> bool:
+        """Whether the engine thread is alive (False once it stopped, for good)."""
+        return self._thread.is_alive()
 
     def health_problem(self, watchdog_s: float) -> str | None:
         """Why the engine cannot serve, or None: a dead thread, a failed last step, or no step

@@ -18,6 +18,7 @@ from textgen.core.engine.request_state import EventBuilder, RequestState, Sink, 
 from textgen.core.engine.setup import build_engine_parts
 from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from textgen.core.engine.types import EngineRequest, EngineStats, StepRecord
+from textgen.core.lora import lora_reasons
 from textgen.core.sampling import sampling_param_reasons
 from textgen.core.scheduler import Request
 
@@ -34,6 +35,7 @@ class EngineCore:
         self.config, self.backend, self.runner = config, parts.backend, parts.runner
         self.tokenizer, self.scheduler, self.startup_lines = parts.tokenizer, parts.scheduler, parts.startup_lines
         self.eos_token_ids = parts.eos_token_ids
+        self.executor = parts.executor  # runs each step here, or on every tensor-parallel rank
         self.events = EventBuilder(self.tokenizer)
         self.states: dict[str, RequestState] = {}
         self.pending_grammar: dict[str, RequestState] = {}
@@ -46,8 +48,10 @@ class EngineCore:
 
     def add_request(self, request: EngineRequest, sink: Sink) -> None:
         params = request.params
-        gen, seed = request_generator(params.seed, not params.is_greedy, self.backend.device)
-        st = RequestState(request, sink, IncrementalDetokenizer.for_prompt(self.tokenizer, request.prompt_token_ids),
+        gen, seed = request_generator(params.seed, not params.is_greedy, self.runner.generator_device)
+        # an encoder-decoder's output does not continue its prompt: detokenize it on its own
+        context = request.prompt_token_ids if getattr(self.runner, "outputs_continue_prompt", True) else []
+        st = RequestState(request, sink, IncrementalDetokenizer.for_prompt(self.tokenizer, context),
                           StopMatcher(list(params.stop)), gen, seed)
         if request.request_id in self.states:
             st.emit(EventBuilder.final_event(st, "error", f"duplicate request id {request.request_id}"))
@@ -76,15 +80,19 @@ class EngineCore:
         if len(ids) >= self.config.max_total_tokens:
             return f"the prompt has {len(ids)} tokens; the maximum is {self.config.max_total_tokens - 1}"
         reasons = sampling_param_reasons(request.params, vocab)
+        if request.adapter_id is not None:
+            reasons += lora_reasons(self.runner.lora, request.adapter_id)
         return "; ".join(reasons) if reasons else None
 
     def _schedule(self, st: RequestState) -> None:
         r = st.request
         salt = r.request_id if r.params.prompt_logprobs else None  # every prompt position needs logits
+        adapter = self.runner.lora.get(r.adapter_id) if r.adapter_id is not None else None
         try:
             self.scheduler.add_request(Request(
                 request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids), sampling_params=r.params,
                 eos_token_ids=self.eos_token_ids, arrival_time=r.arrival_time, priority=r.priority, cache_salt=salt,
+                adapter_id=r.adapter_id, adapter_load_id=adapter.load_id if adapter is not None else None,
             ))
         except ValueError as exc:  # e.g. a request that could never fit in the KV cache
             self._fail(st, str(exc))
@@ -127,6 +135,7 @@ class EngineCore:
             self.spec.propose(self.scheduler.running, self.states)
         out = self.scheduler.schedule()
         if not out.scheduled:
+            self.executor.skip(out)
             return False
         self.last_step_tokens = out.num_scheduled_tokens
         now = time.monotonic()
@@ -208,7 +217,7 @@ class EngineCore:
         if mask is not None and any(s.spec_token_ids for s in out.scheduled):
             mask = self.spec.allowed_mask(out, self.states, self.grammar)  # one row per verified position
         wanted = {rid for rid in rows if self.states[rid].request.params.prompt_logprobs}
-        return self.runner.execute(out, rows, wanted, mask)
+        return self.executor.execute(out, rows, wanted, mask)
 
     def _process(self, out: SchedulerOutput, result: StepResult) -> tuple[float, float]:
         """Apply the step's tokens; returns (scheduler update seconds, event emission seconds)."""
@@ -268,7 +277,14 @@ class EngineCore:
             num_kv_blocks=self.scheduler.config.num_blocks, block_size=self.config.block_size,
             kv_cache_dtype=str(self.runner.dtype).removeprefix("torch."),
             enable_prefix_caching=self.config.enable_prefix_caching,
+            max_loras=self.runner.lora.max_loras if self.runner.lora is not None else 0,
+            running_lora_adapters=_adapters(self.scheduler.running),
+            waiting_lora_adapters=_adapters(self.scheduler.waiting),
         )
+
+
+def _adapters(requests: list[Request]) -> tuple[str, ...]:
+    return tuple(sorted({r.adapter_id for r in requests if r.adapter_id is not None}))
 
 
 def _is_prefill(s: Any) -> bool:

@@ -20,8 +20,10 @@ from textgen.core.attention_selection import KernelChoice, negotiate
 from textgen.core.engine.step_inputs import StepBuffers, ZeroTokenRow
 from textgen.core.forward_context import ForwardContext, StepTensors
 from textgen.core.loader.dtype import resolve_kv_cache_dtype
+from textgen.core.lora.manager import build_lora_manager
 from textgen.core.registry import AttentionBackendInfo
 from textgen.core.sampling import Sampler, SamplingBatch, compute_prompt_logprobs
+from textgen.core.sampling.static import HOST, SampledRows, StaticSampler
 
 if TYPE_CHECKING:
     from textgen.core.attention import AttentionMetadataBuilder
@@ -62,16 +64,23 @@ class ModelRunner:
         self.model, self.hf_config, self.dtype, self.model_path = loaded.model, loaded.hf_config, loaded.dtype, loaded.path
         self.kernel = bind_attention(self.model, attention_infos, config)
         self.attention_cls = self.kernel.kernel_cls
+        self.lora = build_lora_manager(config, self.model, self.dtype, self.device)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.pad_slot = 0
         self._buffers: StepBuffers | None = None
         self._builder: AttentionMetadataBuilder | None = None
         self.graphs: DecodeGraphs | None = None
+        self.static_sampler: StaticSampler | None = None  # when the graph rule asks for static shapes
 
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
+
+    @property
+    def generator_device(self) -> torch.device:
+        """Where sampled requests' generators live: the host when the sampler draws its noise there."""
+        return HOST if self.static_sampler is not None else self.device
 
     @property
     def block_size(self) -> int:
@@ -127,6 +136,11 @@ class ModelRunner:
         self.graphs = graphs
         with self.backend.inference_mode():
             graphs.warm_up(self)
+            if graphs.runner.static_sampling:
+                self.static_sampler = StaticSampler(graphs.batch_sizes, self.config.max_top_n_tokens,
+                                                    graphs.runner.cut, self.sampler.watermark, self.device)
+                graphs.sampler_warmups = self.static_sampler.warm_up(
+                    graphs.token_counts(), int(self.hf_config.hidden_size), self.dtype, self.model.compute_logits)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -135,22 +149,33 @@ class ModelRunner:
         """Run one step. `allowed_mask` (bool [S, V]) rows follow the order of the scheduled
         requests whose `sample` is True; disallowed tokens are never sampled (grammars)."""
         with self.backend.inference_mode():
-            hidden = self.forward_step(out.scheduled)
+            keep = self.static_sampler is not None
+            hidden = self._forward_with_lora(out, keep) if self.lora is not None else self.forward_step(out.scheduled, keep)
             query_lens = np.fromiter((s.num_new_tokens for s in out.scheduled), dtype=np.int64)
             starts = query_lens.cumsum() - query_lens
             prompt_lp = self._prompt_logprobs(out, hidden, starts, prompt_logprob_ids)
             sampled = self._sample(out, hidden, starts, rows, allowed_mask)
         return StepResult(sampled, prompt_lp)
 
-    def forward_step(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
-        """Hidden states of the step's tokens, in order (graph-mode padding already dropped)."""
-        graphs = self.graphs
+    def _forward_with_lora(self, out: SchedulerOutput, keep_padding: bool) -> torch.Tensor:
+        """The step's forward with each token's LoRA adapter applied (eager: graphs hold no LoRA)."""
+        self.lora.begin_step(out)
+        try:
+            return self.forward_step(out.scheduled, keep_padding)
+        finally:
+            self.lora.end_step()
+
+    def forward_step(self, scheduled: list[ScheduledRequest], keep_padding: bool = False) -> torch.Tensor:
+        """Hidden states of the step's tokens, in order (graph-mode padding dropped unless
+        `keep_padding`: a slice of a per-step length is one more program on a compiling device)."""
+        graphs = self.graphs if self.lora is None or not self.lora.step.active else None
         if graphs is not None:
             bucket = graphs.bucket_for(scheduled)
             if bucket is not None:
                 step = graphs.fill(self._buffers, scheduled, bucket, self.pad_slot)
                 ctx = ForwardContext(self._builder.build(step), self.kv_caches)
-                return graphs.run(bucket, step, ctx)[: sum(s.num_new_tokens for s in scheduled)]
+                hidden = graphs.run(bucket, step, ctx)
+                return hidden if keep_padding else hidden[: sum(s.num_new_tokens for s in scheduled)]
         return self._forward(self._buffers.fill(scheduled))
 
     def _forward(self, step: StepTensors) -> torch.Tensor:
@@ -173,10 +198,15 @@ class ModelRunner:
             from textgen.core.spec_decode.verify import sample_with_drafts
 
             return sample_with_drafts(self.sampler, self.model.compute_logits, hidden, starts, picked, rows, allowed)
-        index = torch.tensor([int(starts[i]) + s.num_new_tokens - 1 for i, s in picked], device=hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, index))
+        last = [int(starts[i]) + s.num_new_tokens - 1 for i, s in picked]
         reqs = [s.request for _, s in picked]
         row = [rows[r.request_id] for r in reqs]
+        if self.static_sampler is not None:
+            sampled = SampledRows([r.params for r in row], [r.prompt_token_ids for r in reqs],
+                                  [r.output_token_ids for r in reqs], [r.generator for r in row], allowed)
+            return self._to_sampled(reqs, self.static_sampler.sample(hidden, last, self.model.compute_logits, sampled))
+        index = torch.tensor(last, device=hidden.device)
+        logits = self.model.compute_logits(hidden.index_select(0, index))
         batch = SamplingBatch.build(
             [r.params for r in row], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in row], logits.shape[-1], logits.device,

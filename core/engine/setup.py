@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from textgen.core.attention import StepLimits
 from textgen.core.config import EngineConfig
+from textgen.core.engine.executor import make_executor
 from textgen.core.engine.memory import describe_profile, profile_memory
 from textgen.core.engine.model_runner import ModelRunner
 from textgen.core.engine.sizing import ConfigError, derive_budgets, model_max_length, plan_kv_cache
+from textgen.core.engine.topology import agree_on_kv_blocks, collective_timeout_s
 from textgen.core.graphs import DecodeGraphs, decode_graphs
+from textgen.core.kv_cache.manager import releasable_window
+from textgen.core.seq2seq.setup import build_seq2seq_parts, seq2seq_config
 
 log = logging.getLogger("textgen.engine")
 
@@ -25,6 +30,7 @@ class EngineParts:
     scheduler: Any
     eos_token_ids: frozenset[int]
     startup_lines: list[str]
+    executor: Any  # InProcessExecutor | ShardedExecutor (core.engine.executor)
     spec_decoder: Any = None  # SpecDecoder when --speculate > 0
 
 
@@ -42,6 +48,9 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     reasons = _flatten(pm.hook.textgen_configure(config=config, backend=backend))
     if reasons:
         raise ConfigError(f"backend '{backend.name}' cannot run this configuration: " + "; ".join(reasons))
+    seq2seq = seq2seq_config(config)
+    if seq2seq is not None:  # encoder-decoder: the seq2seq runner instead of the paged one
+        return build_seq2seq_parts(config, backend, *seq2seq)
     attention_infos = _flatten(pm.hook.textgen_attention_backends(backend=backend))
     architectures: dict[str, str] = {}
     for extra in pm.hook.textgen_model_architectures():
@@ -52,9 +61,12 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     max_length = model_max_length(runner.hf_config, tokenizer)
     lines = [f"backend {backend.describe()}; dtype {runner.dtype}; {runner.loaded.describe_weights()}",
              *runner.kernel.describe()]
+    if runner.lora is not None:
+        lines.append(runner.lora.describe())
     profile = profile_memory(config, backend, runner, max_length)
     lines.append(describe_profile(profile))
     plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile)
+    plan = agree_on_kv_blocks(plan, backend.communicator(), backend.device)
     runner.allocate_kv_cache(plan.num_blocks)
     lines += derive_budgets(config, plan, max_length)
     graphs, graph_line = decode_graphs(config, backend, runner.attention_cls)
@@ -62,13 +74,14 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     if graphs is not None:
         runner.capture_graphs(graphs)
     lines.append(graphs.describe() if graphs is not None else graph_line)
-    scheduler = _build_scheduler(config, plan.num_blocks)
+    scheduler = _build_scheduler(config, plan.num_blocks, releasable_window(runner.attention_specs()))
+    executor = make_executor(runner, runner.loaded.tp_size, collective_timeout_s())
     eos = eos_ids(runner.hf_config, tokenizer, runner.model_path)
     spec = _build_spec_decoder(config, lambda cfg: ModelRunner(cfg, backend, attention_infos, architectures, quantizers),
                                runner, plan.num_blocks, eos)
     if spec is not None:
         lines.append(spec.describe())
-    return EngineParts(backend, runner, tokenizer, scheduler, eos, lines, spec)
+    return EngineParts(backend, runner, tokenizer, scheduler, eos, lines, executor, spec)
 
 
 def _build_spec_decoder(config: EngineConfig, make_runner: Any, runner: ModelRunner, num_blocks: int,
@@ -81,6 +94,8 @@ def _build_spec_decoder(config: EngineConfig, make_runner: Any, runner: ModelRun
         raise ConfigError("--speculative-model needs --speculate N (draft tokens per step), e.g. --speculate 4")
     if not config.speculate:
         return None
+    if runner.loaded.tp_size > 1:  # drafts and acceptances do not cross ranks in the step diffs yet
+        raise ConfigError("--speculate is not supported with --num-shard > 1 yet")
     from textgen.core.spec_decode import SpecDecoder, build_proposer
 
     try:
@@ -101,6 +116,10 @@ def step_limits(config: EngineConfig, graphs: DecodeGraphs | None) -> StepLimits
 def load_tokenizer(config: EngineConfig, model_path: Any) -> Any:
     from transformers import AutoTokenizer
 
+    if config.tokenizer_id is None and str(model_path).endswith(".gguf"):
+        from textgen.core.loader.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(Path(model_path))
     source = config.tokenizer_id or str(model_path)
     return AutoTokenizer.from_pretrained(source, revision=config.revision if not config.tokenizer_id else None,
                                          trust_remote_code=config.trust_remote_code)
@@ -127,11 +146,12 @@ def _as_set(value: Any) -> set[int]:
     return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
 
 
-def _build_scheduler(config: EngineConfig, num_blocks: int) -> Any:
+def _build_scheduler(config: EngineConfig, num_blocks: int, sliding_window: int | None = None) -> Any:
     from textgen.core.scheduler import Scheduler, SchedulerConfig
 
     return Scheduler(SchedulerConfig(
         max_batch_prefill_tokens=config.max_batch_prefill_tokens, max_batch_size=config.max_batch_size,
         max_model_len=config.max_total_tokens, block_size=config.block_size, num_blocks=num_blocks,
-        enable_prefix_caching=config.enable_prefix_caching,
+        enable_prefix_caching=config.enable_prefix_caching, sliding_window=sliding_window,
+        max_loras=config.max_loras if config.lora_adapters or config.enable_lora else None,
     ))

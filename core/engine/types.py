@@ -19,6 +19,7 @@ class EngineRequest:
     params: SamplingParams
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    adapter_id: str | None = None  # LoRA adapter name; None = the base model
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,9 @@ class EngineStats:
     block_size: int
     kv_cache_dtype: str = "auto"  # dtype of the KV cache tensors ("float32", "bfloat16", ...)
     enable_prefix_caching: bool = True
+    max_loras: int = 0  # LoRA adapters resident at once; 0 when LoRA is off
+    running_lora_adapters: tuple[str, ...] = ()  # adapters of running requests, sorted
+    waiting_lora_adapters: tuple[str, ...] = ()  # adapters of waiting requests, sorted
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,4 +41,4 @@ def request_extra_keys(request: Any) -> Any:
     adapter = getattr(request, "adapter_id", None)
     if adapter is None:
         return salt
-    return (salt, adapter)
+    return (salt, adapter, getattr(request, "adapter_load_id", None))

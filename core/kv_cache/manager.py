@@ -7,6 +7,17 @@ Lifecycle of a request's blocks:
 3. after each forward, `cache_blocks(req, num_computed_tokens)` publishes the newly full blocks
    whose KV was computed (prompt and generated tokens alike, so multi-turn chats hit);
 4. `free(req)` drops its references, tail-first, so a request's last blocks are evicted first.
+
+Sliding windows (`sliding_window`, set only when every layer of the model has one: a layer with
+full attention still reads every block): at each `allocate_slots`, the blocks that lie entirely
+before the window of the step's first query token (position p sees keys > p - window) are
+released and their table entries become `NULL_BLOCK`, so long generations hold at most
+window / block_size + 1 blocks (+ the step's new ones). A placeholder keeps its place in the table
+(positions stay block_index * block_size); its id, `NULL_BLOCK_ID`, is a valid block whose
+contents kernels read but mask out (they honour the window). Placeholders are never published,
+touched or freed; the real blocks they replaced were published before they left the window (a
+block's KV is computed before a later step's query can pass it), and stay hittable while free, so
+a prefix hit is always served by real, computed blocks.
 """
 from __future__ import annotations
 
@@ -31,14 +42,30 @@ class PrefixCacheStats:
         return self.hits / self.queries if self.queries else 0.0
 
 
+def releasable_window(specs: list[Any]) -> int | None:
+    """The window behind which blocks can be released: the largest of the layers' windows when
+    every layer has one (Mistral), else None (a full-attention layer, as in Gemma 2/3's mixed
+    local/global layers, still reads every block: freeing would need per-layer block tables)."""
+    windows = [spec.sliding_window for spec in specs]
+    return max(windows) if windows and all(w is not None for w in windows) else None
+
+
+NULL_BLOCK_ID = 0
+NULL_BLOCK = KVBlock(NULL_BLOCK_ID)  # not the pool's block 0: a table entry only, never held
+
+
 class KVCacheManager:
     """`request` objects need `request_id`, `all_token_ids`, `num_tokens`, `num_computed_tokens`
     and optionally `cache_salt` (extra hash key)."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.prefix_cache_stats = PrefixCacheStats()
@@ -97,6 +124,8 @@ class KVCacheManager:
         hashes = self._block_hashes(request)
         published = []
         for i in range(start, num_full):
+            if blocks[i] is NULL_BLOCK:
+                continue
             if blocks[i].block_hash is None and self.pool.cache_block(blocks[i], hashes[i]):
                 published.append(i)
         self._num_published[request.request_id] = num_full
@@ -133,12 +162,14 @@ class KVCacheManager:
     def allocate_slots(self, request: Any, num_new_tokens: int,
                        new_computed_blocks: list[KVBlock] | None = None) -> list[KVBlock] | None:
         """Make the request hold blocks for num_computed_tokens + len(new_computed_blocks) *
-        block_size + num_new_tokens tokens. Returns the newly allocated blocks, or None (and
-        changes nothing) when the free list, minus the free hits it would take, is too short."""
+        block_size + num_new_tokens tokens. Returns the newly allocated blocks, or None when the free
+        list, minus the free hits it would take, is too short: then nothing changed but the release
+        of blocks that left the sliding window (always valid, see the module docstring)."""
         rid, computed = request.request_id, new_computed_blocks or []
         held = self._blocks.get(rid, [])
         if computed and held:
             raise ValueError(f"request {rid} already holds blocks; prefix hits apply to a fresh request")
+        self._release_out_of_window(rid, request.num_computed_tokens)
         total = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         num_new_blocks = max(0, -(-total // self.block_size) - len(held) - len(computed))
         free_hits = sum(1 for b in computed if b.ref_cnt == 0)
@@ -150,6 +181,8 @@ class KVCacheManager:
         new_blocks = self.pool.get_new_blocks(num_new_blocks)
         self._blocks.setdefault(rid, []).extend(computed + new_blocks)
         self._num_published[rid] = self._num_published.get(rid, 0) + len(computed)
+        if computed:
+            self._release_out_of_window(rid, request.num_computed_tokens + len(computed) * self.block_size)
         return new_blocks
 
     def free(self, request: Any) -> None:
@@ -159,9 +192,24 @@ class KVCacheManager:
         blocks = self._blocks.pop(rid, [])
         self._hashes.pop(rid, None)
         self._num_published.pop(rid, None)
-        self.pool.free_blocks(reversed(blocks))
+        self.pool.free_blocks(b for b in reversed(blocks) if b is not NULL_BLOCK)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _release_out_of_window(self, rid: str, first_query_position: int) -> None:
+        """Release the held blocks entirely before the window of the token at
+        `first_query_position` (it and every later token see only keys > position - window);
+        their entries become NULL_BLOCK. Released tail-first, like `free`."""
+        blocks = self._blocks.get(rid)
+        if self.sliding_window is None or not blocks:
+            return
+        num_out = min(max(0, first_query_position - self.sliding_window + 1) // self.block_size, len(blocks))
+        leaving = [i for i in range(num_out) if blocks[i] is not NULL_BLOCK]
+        if not leaving:
+            return
+        self.pool.free_blocks(blocks[i] for i in reversed(leaving))
+        for i in leaving:
+            blocks[i] = NULL_BLOCK
 
     def _block_hashes(self, request: Any) -> list[BlockHash]:
         hashes = self._hashes.setdefault(request.request_id, [])

@@ -10,8 +10,9 @@ The quantization contract (create_weights, process_after_loading, apply) is in
 `textgen.core.quantization.base`.
 
 Tensor parallelism: column layers split the output axis across ranks, row layers the input axis
-(and sum the partial outputs). Only `tp_size == 1` runs today, but the loaders already narrow by
-rank so that the signature stays stable when workers arrive.
+(and sum the partial outputs through the communicator). The loaders narrow the checkpoint tensor
+to this rank's slice; under `--num-shard` > 1 it is a `loader.lazy_slice.LazySlice`, so only that
+slice is read from the file.
 """
 from __future__ import annotations
 
@@ -131,14 +132,31 @@ class MergedColumnLinear(ColumnLinear):
         sizes = [s // self.tp_size for s in self.output_sizes]
         return sum(sizes[:index]), sizes[index]
 
+    def fused_parts(self) -> list[tuple[object, int]]:
+        """(shard id, full unsharded size) of each fused part, in checkpoint order."""
+        return list(enumerate(self.output_sizes))
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         dim = getattr(param, "output_dim", None)
+        if shard_id is None and dim is not None and self.tp_size > 1:
+            self._load_prefused(param, loaded, dim)
+            return
         if shard_id is None or dim is None:
             _copy_checked(param.data, loaded)  # already fused in the checkpoint, or a scalar
             return
         offset, size = _packed(param, dim, *self.shard_range(shard_id))
         target = param.data.narrow(dim, offset, size)
         _copy_checked(target, _rank_slice(loaded, dim, self.tp_rank, size, size * self.tp_size))
+
+
+    def _load_prefused(self, param: nn.Parameter, loaded: torch.Tensor, dim: int) -> None:
+        """A checkpoint that stores the parts already fused (Phi-3's qkv_proj, gate_up_proj):
+        split it into its parts and load each as its shard (this rank's slice of each)."""
+        offset = 0
+        for shard_id, full in self.fused_parts():
+            start, size = _packed(param, dim, offset, full)
+            self.weight_loader(param, loaded.narrow(dim, start, size), shard_id)
+            offset += full
 
 
 class QKVLinear(MergedColumnLinear):
@@ -158,8 +176,15 @@ class QKVLinear(MergedColumnLinear):
     def shard_range(self, shard_id: object) -> tuple[int, int]:
         return super().shard_range({"q": 0, "k": 1, "v": 2}[str(shard_id)])
 
+    def fused_parts(self) -> list[tuple[object, int]]:
+        kv = self.num_kv_heads * self.head_size
+        return [("q", self.num_heads * self.head_size), ("k", kv), ("v", kv)]
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         dim = getattr(param, "output_dim", None)
+        if shard_id is None and dim is not None and self.tp_size > 1:
+            self._load_prefused(param, loaded, dim)
+            return
         if shard_id is None or dim is None:
             _copy_checked(param.data, loaded)
             return

@@ -41,7 +41,11 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: y = (x / rms(x)) * (1 + weight), all in float32, cast back at the end
-    (the checkpoint stores weight - 1; transformers initialises it to zeros)."""
+    (the checkpoint stores weight - 1; built as zeros, the identity, as transformers builds it)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__(hidden_size, eps, dtype)
+        self.weight.data.zero_()
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -77,15 +81,22 @@ class PerHeadLayerNorm(nn.Module):
     """LayerNorm without bias over each head of a flat [T, H*D] tensor, head h scaled by its own
     weight row `weight[h]` (StableLM's `norms.h.weight` one shard per head; Cohere's [H, D] whole)."""
 
-    def __init__(self, num_heads: int, head_size: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, num_heads: int, head_size: int, eps: float, dtype: torch.dtype, first_head: int = 0) -> None:
+        """`first_head`: the global index of this rank's first head (tensor parallelism)."""
         super().__init__()
-        self.head_size, self.eps = head_size, eps
+        self.head_size, self.eps, self.first_head = head_size, eps, first_head
         self.weight = nn.Parameter(torch.ones(num_heads, head_size, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self._load
-        self.weight.required_shards = frozenset(range(num_heads))
+        self.weight.required_shards = frozenset(range(first_head, first_head + num_heads))
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        default_weight_loader(param if shard_id is None else param.data[shard_id], loaded)
+        num_heads = param.shape[0]
+        if shard_id is None:  # all heads in one tensor: this rank's rows
+            if loaded.dim() == 2 and loaded.shape[0] > num_heads:
+                loaded = loaded.narrow(0, self.first_head, num_heads)
+            default_weight_loader(param, loaded)
+        elif 0 <= int(shard_id) - self.first_head < num_heads:  # another rank's head: not ours
+            default_weight_loader(param.data[int(shard_id) - self.first_head], loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heads = x.view(x.shape[0], -1, self.head_size)

@@ -4,7 +4,9 @@ memory sizing), initialised the way Hugging Face initialises a fresh model.
 Rules, per parameter (tied parameters are filled once):
 - floating matrices and embeddings (dim >= 2): normal(0, std), std = the config's
   `initializer_range` (0.02 when absent; read from the text config of multimodal configs);
-- the weight of a normalisation layer (a module whose class name ends in "Norm"): ones;
+- the weight of a normalisation layer (a module whose class name ends in "Norm"): left as the
+  layer built it, its identity (ones for x * weight; zeros for Gemma's x * (1 + weight), as
+  transformers initialises it: ones there would double every activation);
 - every other 1-D floating parameter (biases): zeros;
 - non-floating parameters (quantized storage) are left as built.
 
@@ -44,8 +46,8 @@ def fill_dummy_weights(model: nn.Module, hf_config: Any, seed: int) -> None:
             seen.add(id(param))
             if param.dim() >= 2:
                 _fill_normal(param.data, std, generator)
-            else:
-                param.data.fill_(1.0 if is_norm and name == "weight" else 0.0)
+            elif not (is_norm and name == "weight"):
+                param.data.zero_()
 
 
 @torch.no_grad()

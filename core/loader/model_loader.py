@@ -11,13 +11,16 @@ import torch
 from textgen.core.loader.dtype import resolve_dtype
 from textgen.core.loader.dummy import fill_dummy_weights
 from textgen.core.loader.files import iterate_safetensors, resolve_model_path
+from textgen.core.loader.gguf import GGUFCheckpoint, find_gguf_file
+from textgen.core.loader.lazy_slice import iterate_safetensor_slices
 from textgen.core.models.base import ModelBuildContext
-from textgen.core.models.registry import resolve_model_class
+from textgen.core.models.registry import model_path_name, resolve_model_class
 from textgen.core.quantization import QuantizerRegistry, select_quantizer
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
     from textgen.core.config import EngineConfig
+    from textgen.core.distributed import Communicator
     from textgen.core.model import Model
     from textgen.core.registry import QuantizerInfo
 
@@ -29,10 +32,15 @@ class LoadedModel:
     dtype: torch.dtype
     path: Path
     quantization: str = "none"  # the method's description, for startup lines and /info
+    method: str | None = None  # TGI's --quantize name: the flag, else the checkpoint's quant_method
     weight_bytes: int = 0  # parameters and buffers after process_after_loading
+    model_path: str = "native"  # or "transformers fallback" (`registry.model_path_name`)
+    tp_rank: int = 0  # this process's tensor-parallel rank and the number of ranks
+    tp_size: int = 1
 
     def describe_weights(self) -> str:
-        return f"weights {self.weight_bytes / 2**20:.1f} MiB, quantization: {self.quantization}"
+        return (f"model path: {self.model_path}; weights {self.weight_bytes / 2**20:.1f} MiB, "
+                f"quantization: {self.quantization}")
 
 
 def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict[str, str] | None = None,
@@ -41,37 +49,56 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
     built-in ones), choose the quantization method among `quantizers` (what the backend's
     `textgen_quantizers` offered), build the model on `backend.device` in the resolved dtype,
     then load the safetensors weights (or random ones for `load_format="dummy"`), check all were
-    filled, and let each layer repack them (`process_after_loading`)."""
+    filled, and let each layer repack them (`process_after_loading`). A GGUF model (see
+    `loader.gguf`) gives its config and weights from the file instead."""
     from transformers import AutoConfig
 
-    path = resolve_model_path(config.model_id, config.revision)
-    hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
+    registry = QuantizerRegistry.build(backend.name, quantizers or [])
+    gguf_file = find_gguf_file(config.model_id, config.revision)
+    keep_q4_0 = config.quantize is None and "gptq" in registry.infos
+    gguf = GGUFCheckpoint.open(gguf_file, keep_q4_0) if gguf_file is not None else None
+    path = gguf_file or resolve_model_path(config.model_id, config.revision)
+    hf_config = (gguf.hf_config() if gguf is not None
+                 else AutoConfig.from_pretrained(str(path), trust_remote_code=config.trust_remote_code))
     model_cls = resolve_model_class(hf_config, extra_architectures)
     dtype = resolve_dtype(config.dtype, hf_config, backend)
-    registry = QuantizerRegistry.build(backend.name, quantizers or [])
     quantizer = select_quantizer(config.quantize, hf_config, registry, backend, dtype)
-    build = ModelBuildContext(dtype, backend.device, quantizer)
+    communicator = backend.communicator()
+    build = ModelBuildContext(dtype, backend.device, quantizer, communicator.rank, communicator.world_size)
     with _building_on(backend.device, dtype):
         model = model_cls(hf_config, build)
     if config.load_format == "dummy":
         fill_dummy_weights(model, hf_config, config.seed)
     elif config.load_format in ("auto", "safetensors"):
-        _check_all_loaded(model, model.load_weights(iterate_safetensors(path)))
+        if gguf is not None:
+            tensors = gguf.weights(hf_config)
+        else:
+            tensors = iterate_safetensors(path) if build.tp_size == 1 else iterate_safetensor_slices(path)
+        if quantizer is not None:
+            tensors = quantizer.rename_checkpoint_tensors(tensors)
+        _check_all_loaded(model, model.load_weights(tensors))
     else:
         raise ValueError(f"unknown load_format {config.load_format!r}: use auto, safetensors or dummy")
     _process_after_loading(model)
-    _attach_communicator(model, backend)
+    if quantizer is not None and quantizer.quantizes_vocab:
+        from textgen.core.quantization.vocab import quantize_vocab_int8
+
+        quantize_vocab_int8(model, quantizer.kernels)
+    _attach_communicator(model, communicator)
     described = quantizer.describe() if quantizer is not None else "none"
-    return LoadedModel(model.eval(), hf_config, dtype, path, described, weight_bytes(model))
+    if gguf is not None:
+        described = gguf.describe(dtype, described)
+    method = (config.quantize or quantizer.name) if quantizer is not None else None
+    return LoadedModel(model.eval(), hf_config, dtype, path, described, method, weight_bytes(model),
+                       model_path_name(model_cls), build.tp_rank, build.tp_size)
 
 
-def _attach_communicator(model: torch.nn.Module, backend: Backend) -> None:
-    """Row-parallel layers reduce through the backend's collectives (one object for the model)."""
-    from textgen.core.layers.linear import RowLinear
-
-    communicator = backend.communicator()
+def _attach_communicator(model: torch.nn.Module, communicator: Communicator) -> None:
+    """Layers that reduce or gather across ranks (row-parallel linears, vocab-parallel embedding
+    and LM head: those declaring a `communicator` attribute) use the backend's collectives (one
+    object for the model)."""
     for module in model.modules():
-        if isinstance(module, RowLinear):
+        if hasattr(module, "communicator"):
             module.communicator = communicator
 
 

@@ -87,7 +87,7 @@ class BloomBlock(nn.Module):
 class BloomModel(nn.Module):
     def __init__(self, cfg: Any, build: ModelBuildContext) -> None:
         super().__init__()
-        self.word_embeddings = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype)
+        self.word_embeddings = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype, build.tp_rank, build.tp_size)
         self.word_embeddings_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_epsilon, build.dtype)
         self.h = nn.ModuleList(BloomBlock(cfg, i, build) for i in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_epsilon, build.dtype)

@@ -36,7 +36,8 @@ class CausalLM(Model):
         trunk = self.trunk_cls(hf_config, build)
         setattr(self, self.trunk_name, trunk)
         tied_to = getattr(trunk, self.embedding_name) if self.tied else None
-        setattr(self, self.head_name, LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype, tied_to=tied_to))
+        setattr(self, self.head_name, LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype, tied_to=tied_to,
+                                                tp_rank=build.tp_rank, tp_size=build.tp_size))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return getattr(self, self.trunk_name)(input_ids, positions, ctx)

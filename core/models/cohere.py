@@ -30,8 +30,10 @@ class CohereAttention(LlamaAttention):
         self.q_norm = self.k_norm = None
         if getattr(cfg, "use_qk_norm", False):
             spec = self.attn.spec
-            self.q_norm = PerHeadLayerNorm(spec.num_heads, self.head_size, cfg.layer_norm_eps, build.dtype)
-            self.k_norm = PerHeadLayerNorm(spec.num_kv_heads, self.head_size, cfg.layer_norm_eps, build.dtype)
+            self.q_norm = PerHeadLayerNorm(spec.num_heads, self.head_size, cfg.layer_norm_eps, build.dtype,
+                                            build.tp_rank * spec.num_heads)
+            self.k_norm = PerHeadLayerNorm(spec.num_kv_heads, self.head_size, cfg.layer_norm_eps, build.dtype,
+                                            build.tp_rank // self.qkv_proj.kv_replicas * spec.num_kv_heads)
 
     def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = super().project(hidden)

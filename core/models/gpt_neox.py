@@ -79,7 +79,7 @@ class GPTNeoXLayer(nn.Module):
 class GPTNeoXModel(nn.Module):
     def __init__(self, cfg: Any, build: ModelBuildContext) -> None:
         super().__init__()
-        self.embed_in = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype)
+        self.embed_in = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype, build.tp_rank, build.tp_size)
         self.layers = nn.ModuleList(GPTNeoXLayer(cfg, i, build) for i in range(cfg.num_hidden_layers))
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, build.dtype)
         self.rotary_emb = get_rope(cfg, cfg.hidden_size // cfg.num_attention_heads)

@@ -168,7 +168,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: Any, build: ModelBuildContext, windows: list[int | None]) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype, build.tp_rank, build.tp_size)
         self.layers = nn.ModuleList(
             self.layer_cls(cfg, i, build, windows[i]) for i in range(cfg.num_hidden_layers))
         self.norm = self.make_norm(cfg, build)
@@ -201,7 +201,8 @@ class LlamaForCausalLM(Model):
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.model = self.model_cls(hf_config, build, self.sliding_windows(hf_config))
         tied = self.model.embed_tokens if self.tie_word_embeddings else None
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype, tied_to=tied)
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, build.dtype, tied_to=tied,
+                              tp_rank=build.tp_rank, tp_size=build.tp_size)
 
     @staticmethod
     def sliding_windows(cfg: Any) -> list[int | None]:

@@ -35,7 +35,7 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.renormalize = cfg.num_experts_per_tok, renormalize
         self.gate = Linear(cfg.hidden_size, num_experts, False, build.dtype)
         self.experts = FusedMoE(num_experts, cfg.hidden_size, intermediate_size, cfg.hidden_act, build.dtype,
-                                build.tp_size)
+                                build.tp_size, build.quantizer)
         self.shared_expert = self.shared_expert_gate = None
         if shared_intermediate_size:
             self.shared_expert = LlamaMLP(cfg, build, shared_intermediate_size)

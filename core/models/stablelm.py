@@ -25,8 +25,10 @@ class StableLmAttention(LlamaAttention):
         self.q_layernorm = self.k_layernorm = None
         if getattr(cfg, "qk_layernorm", False):
             spec = self.attn.spec
-            self.q_layernorm = PerHeadLayerNorm(spec.num_heads, self.head_size, cfg.layer_norm_eps, build.dtype)
-            self.k_layernorm = PerHeadLayerNorm(spec.num_kv_heads, self.head_size, cfg.layer_norm_eps, build.dtype)
+            self.q_layernorm = PerHeadLayerNorm(spec.num_heads, self.head_size, cfg.layer_norm_eps, build.dtype,
+                                            build.tp_rank * spec.num_heads)
+            self.k_layernorm = PerHeadLayerNorm(spec.num_kv_heads, self.head_size, cfg.layer_norm_eps, build.dtype,
+                                            build.tp_rank // self.qkv_proj.kv_replicas * spec.num_kv_heads)
 
     def biases(self, cfg: Any) -> tuple[bool, bool]:
         return bool(getattr(cfg, "use_qkv_bias", False)), False

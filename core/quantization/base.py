@@ -5,9 +5,12 @@ Two halves, so that one on-disk format runs on several devices:
   checkpoint holds on each linear layer, and after loading turns them into canonical quantized
   weights handed to the kernels (or keeps them as they are when it computes itself).
 - `WeightKernels`: a backend's kernels for the canonical forms (int4 grouped with float zeros,
-  int8 per output channel, dense). The backend offers them through `textgen_quantizers`
-  (`QuantizerInfo.kernels`); the portable ones dequantize and call `F.linear`.
+  int8 per output channel, fp8 e4m3 per output channel, dense). The backend offers them through
+  `textgen_quantizers` (`QuantizerInfo.kernels`); the portable ones dequantize and call `F.linear`.
 
+Per model, before any weight: the loader passes the checkpoint's (name, tensor) stream through
+`rename_checkpoint_tensors`, for formats whose tensor names are not parameter names (bitsandbytes'
+`weight.absmax`).
 Per linear layer, in call order (core/layers/linear.py calls these):
 1. `create_weights(layer, in_features, out_features, dtype)` registers the checkpoint's tensors,
    each a Parameter with `weight_loader` set by the layer (or by the quantizer), `output_dim` /
@@ -21,7 +24,7 @@ MoE expert weights go through `moe_method()` (see `textgen.core.quantization.moe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +53,10 @@ class WeightKernels(ABC):
         """codes int8 [N, K]; scales [N]; W = codes * s."""
 
     @abstractmethod
+    def pack_fp8(self, layer: torch.nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        """codes float8_e4m3fn [N, K]; scales float32 [N] (equal rows for a per-tensor scale); W = codes * s."""
+
+    @abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's output from the buffers a `pack_*` call left on it."""
 
@@ -62,6 +69,7 @@ class Quantizer(ABC):
     `textgen.core.quantization.selection`); one instance serves every layer of one model."""
 
     name: ClassVar[str]
+    quantizes_vocab: ClassVar[bool] = False  # the LM head (and a tied embedding) too: core/quantization/vocab.py
 
     def __init__(self, quant_config: dict[str, Any], kernels: WeightKernels) -> None:
         self.quant_config = quant_config
@@ -71,6 +79,12 @@ class Quantizer(ABC):
     def check(cls, quant_config: dict[str, Any], backend: Backend, dtype: torch.dtype) -> list[str]:
         """Reasons this method cannot run this config on `backend` (empty = fine)."""
         return []
+
+    def rename_checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]
+                                  ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors under the names of the parameters `create_weights` registers
+        (default: unchanged); may drop tensors the format stores but the layers do not need."""
+        return iter(weights)
 
     @abstractmethod
     def create_weights(self, layer: torch.nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:

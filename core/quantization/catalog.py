@@ -10,6 +10,8 @@ BUILTIN_METHODS: dict[str, str] = {
     "fp8": f"{_Q}.fp8:Fp8",
     "gptq": f"{_Q}.gptq:GPTQ",
     "awq": f"{_Q}.gptq:AWQ",
+    "bitsandbytes": f"{_Q}.bitsandbytes:BitsAndBytes",
+    "compressed-tensors": f"{_Q}.compressed_tensors:CompressedTensors",
 }
 
 

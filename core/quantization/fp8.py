@@ -6,19 +6,18 @@ Two sources, one layout on the layer (fp8 codes [N, K] + per-channel scales [N])
   `weight_scale` per tensor or per channel; `input_scale` of static activation schemes is read and
   unused: activations stay in the compute dtype). A per-tensor scale of one part of a fused layer
   (q, k, v) fills that part's rows, so fused parts keep their own scales.
-Compute: the weight is dequantized to the activation dtype and a regular GEMM runs (CPU has no fp8
-GEMM; on CUDA `torch._scaled_mm` would be the kernel, not wired yet). Memory: 1 byte per weight.
+Compute: the backend's `WeightKernels.pack_fp8` / `apply`: the portable kernels dequantize to the
+activation dtype and run a regular GEMM (CPU has no fp8 GEMM); CUDA on capability 8.9+ runs
+`torch._scaled_mm` (textgen.backends.cuda.quant_kernels). Memory: 1 byte per weight.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from textgen.core.quantization.base import Quantizer
-from textgen.core.quantization.kernels import replace_weight
 from textgen.core.quantization.weight_only import create_float_weight
 
 if TYPE_CHECKING:
@@ -67,15 +66,11 @@ class Fp8(Quantizer):
             codes, scales = layer.weight.data, layer.weight_scale.data
             for name in ("weight_scale", "input_scale"):
                 layer._parameters.pop(name, None)
-        replace_weight(layer, fp8_weight=codes.contiguous(), fp8_scales=scales.to(layer.compute_dtype))
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = layer.fp8_weight.to(x.dtype) * layer.fp8_scales.to(x.dtype).unsqueeze(-1)
-        return F.linear(x, weight, bias)
+        self.kernels.pack_fp8(layer, codes, scales)
 
     def describe(self) -> str:
         source = "quantized while loading" if self.on_the_fly else "from the checkpoint"
-        return f"fp8 e4m3 per-channel scales, {source} (dequantize + GEMM)"
+        return f"fp8 e4m3 per-channel scales, {source} (kernels: {self.kernels.describe()})"
 
 
 def _scale_loader(layer: nn.Module):  # noqa: ANN202 - a weight_loader closure

@@ -76,11 +76,17 @@ class PortableKernels(WeightKernels):
         replace_weight(layer, int8_codes=codes.contiguous(), int8_scales=scales.to(layer.compute_dtype))
         layer.weight_format = "int8"
 
+    def pack_fp8(self, layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        replace_weight(layer, fp8_weight=codes.contiguous(), fp8_scales=scales.float())
+        layer.weight_format = "fp8"
+
     def dense_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         """The layer's weight dequantized to `dtype` (the large-M path of every kernel set)."""
         if layer.weight_format == "int4":
             codes = unpack_nibbles(layer.int4_nibbles)
             return dequantize_int4(codes, layer.int4_scales, layer.int4_zeros, dtype)
+        if layer.weight_format == "fp8":
+            return layer.fp8_weight.to(dtype) * layer.fp8_scales.to(dtype).unsqueeze(-1)
         return layer.int8_codes.to(dtype) * layer.int8_scales.to(dtype).unsqueeze(-1)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

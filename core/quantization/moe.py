@@ -1,27 +1,39 @@
-"""The quantization interface of fused MoE layers: stacked expert weights and their GEMMs.
+"""The quantization interface of fused MoE layers: stacked expert weights and the grouped GEMM.
 
-A fused MoE layer (built by the model) holds E experts' gate/up and down projections stacked:
-`w13_weight` [E, 2 * I, H] (gate rows first, then up) and `w2_weight` [E, H, I]. Its method:
-1. `create_weights(layer, num_experts, hidden_size, intermediate_size, dtype)` registers them, each
-   with `weight_loader(param, loaded, shard_id, expert_id)`; shard ids "w1" (gate), "w3" (up),
-   "w2" (down), as in Mixtral checkpoints (`experts.{e}.w1/w2/w3`; Qwen-MoE's
-   gate_proj/up_proj/down_proj map onto them);
+A fused MoE layer (`textgen.core.layers.moe.FusedMoE`) holds E experts' gate/up and down
+projections stacked, as transformers 5 does: `gate_up_proj` [E, 2 * I, H] ([gate; up] per
+expert) and `down_proj` [E, H, I]. Its method, chosen by `moe_method_for(quantizer)`:
+1. `create_weights(layer, num_experts, hidden_size, intermediate_size, dtype)` registers them,
+   each with `weight_loader(param, loaded, shard_id)`: shard id None for a stacked tensor, or
+   (expert, part) with part 0 = gate, 1 = up, 2 = down for checkpoints with one tensor per
+   expert (Mixtral's `experts.E.w1/w3/w2`, Qwen-MoE's gate/up/down_proj; see
+   `textgen.core.models.weights.per_expert_rules`), and `required_shards` (every expert's parts);
 2. `process_after_loading(layer)`;
-3. `apply(layer, x [T, H], topk_weights [T, k], topk_ids [T, k]) -> [T, H]`: the weighted sum of
-   each token's chosen experts, SiLU(gate) * up, then down.
-The loop over experts only runs the experts that received tokens, each as one GEMM over its tokens.
+3. `apply(layer, x [T, H], topk_weights [T, k], topk_ids [T, k]) -> [T, H]`: the router-weighted
+   sum of each token's chosen experts, down(act(gate) * up).
+
+The grouped GEMM is the one implementation for every method: no Python loop over tokens. The
+(token, expert) pairs are sorted by expert, so each expert's tokens form one contiguous slice;
+each expert that received tokens runs two GEMMs on its slice with the weights `expert_weights`
+gives (dequantized for a quantized method); the outputs are weighted by the router and summed back
+per token with one `index_add_`.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textgen.core.quantization.base import QuantizationError
 from textgen.core.quantization.kernels import quantize_int8_channels
 
-_W13_PARTS = {"w1": 0, "w3": 1}
+if TYPE_CHECKING:
+    from textgen.core.quantization.base import Quantizer
+
+STACKED = ("gate_up_proj", "down_proj")
 
 
 class FusedMoEMethod(ABC):
@@ -35,43 +47,50 @@ class FusedMoEMethod(ABC):
 
     @abstractmethod
     def expert_weights(self, layer: nn.Module, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [2I, H], w2 [H, I]) of one expert in `dtype`."""
+        """(gate_up [2I, H], down [H, I]) of one expert in `dtype`."""
+
+    def describe(self) -> str:
+        return type(self).__name__
 
     def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        tokens, slots = topk_ids.shape
+        top_k = topk_ids.shape[1]
         flat_ids = topk_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
+        order = flat_ids.argsort(stable=True)  # pairs grouped by expert, token order kept within
+        token_of = order // top_k
         counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()
+        xs = x.index_select(0, token_of)
+        out = torch.empty_like(xs)
         start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            picks = order[start:start + count]
-            start += count
-            rows = picks // slots
-            w13, w2 = self.expert_weights(layer, expert, x.dtype)
-            gate, up = F.linear(x[rows], w13).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, w2) * topk_weights.reshape(-1)[picks].unsqueeze(-1).to(x.dtype)
-            out.index_add_(0, rows, y)
-        return out
+        for expert, n in enumerate(counts):
+            if n:
+                gate_up, down = self.expert_weights(layer, expert, x.dtype)
+                gate, up = F.linear(xs[start: start + n], gate_up).chunk(2, dim=-1)
+                out[start: start + n] = F.linear(layer.act(gate) * up, down)
+                start += n
+        out = out * topk_weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
 
 
-def expert_loader(layer: nn.Module):  # noqa: ANN202 - a weight_loader closure
-    """Loads one expert's w1 / w3 (into the gate / up half of w13) or w2."""
+def _copy_checked(target: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
+    if target.shape != loaded.shape:
+        raise ValueError(f"{what} of shape {tuple(loaded.shape)} does not fit {tuple(target.shape)}")
+    target.copy_(loaded)
 
-    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
-        target = param.data[expert_id]
-        if shard_id in _W13_PARTS:
-            half = target.shape[0] // 2
-            target = target.narrow(0, _W13_PARTS[shard_id] * half, half)
-        elif shard_id != "w2":
-            raise ValueError(f"unknown MoE shard id {shard_id!r} (w1, w2 or w3)")
-        if target.shape != loaded.shape:
-            raise ValueError(f"expert {expert_id} {shard_id} of shape {tuple(loaded.shape)} does not fit "
-                             f"{tuple(target.shape)}")
-        target.copy_(loaded)
+
+def stacked_loader(layer: nn.Module, name: str):  # noqa: ANN202 - a weight_loader closure
+    """Loads a whole stacked tensor (shard id None) or one expert's part (expert, part)."""
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if shard_id is None:
+            _copy_checked(param.data, loaded, f"stacked {name}")
+            return
+        expert, part = shard_id  # type: ignore[misc]
+        target = param.data[expert]
+        if name == "gate_up_proj":
+            size = layer.intermediate_size
+            target = target.narrow(0, part * size, size)
+        _copy_checked(target, loaded, f"expert {expert} part {part}")
 
     return load
 
@@ -79,41 +98,51 @@ def expert_loader(layer: nn.Module):  # noqa: ANN202 - a weight_loader closure
 class UnquantizedMoE(FusedMoEMethod):
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int,
                        dtype: torch.dtype) -> None:
-        layer.num_experts = num_experts
-        shapes = {"w13_weight": (num_experts, 2 * intermediate_size, hidden_size),
-                  "w2_weight": (num_experts, hidden_size, intermediate_size)}
+        layer.num_experts, layer.intermediate_size = num_experts, intermediate_size
+        shapes = {"gate_up_proj": (num_experts, 2 * intermediate_size, hidden_size),
+                  "down_proj": (num_experts, hidden_size, intermediate_size)}
+        parts = {"gate_up_proj": (0, 1), "down_proj": (2,)}
         for name, shape in shapes.items():
             param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-            param.weight_loader = expert_loader(layer)
+            param.weight_loader = stacked_loader(layer, name)
+            param.required_shards = frozenset((e, p) for e in range(num_experts) for p in parts[name])
             setattr(layer, name, param)
 
     def expert_weights(self, layer: nn.Module, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return layer.w13_weight[expert].to(dtype), layer.w2_weight[expert].to(dtype)
+        return layer.gate_up_proj[expert].to(dtype), layer.down_proj[expert].to(dtype)
+
+    def describe(self) -> str:
+        return "unquantized experts"
 
 
 class Int8WeightOnlyMoE(UnquantizedMoE):
-    """Experts loaded in float, then stored as int8 codes with per-row scales (1 byte per weight);
-    each expert is dequantized to the activation dtype when it receives tokens."""
+    """Experts loaded in float, then stored as int8 codes with per-row scales (1 byte per weight,
+    as the int8 linear layers); each expert is dequantized to the activation dtype when it
+    receives tokens."""
 
     def process_after_loading(self, layer: nn.Module) -> None:
-        for name in ("w13", "w2"):
-            weight = layer._parameters.pop(f"{name}_weight").data
+        for name in STACKED:
+            weight = layer._parameters.pop(name).data
             experts, rows, cols = weight.shape
             codes, scales = quantize_int8_channels(weight.reshape(experts * rows, cols))
             layer.register_buffer(f"{name}_codes", codes.reshape(experts, rows, cols), persistent=False)
-            layer.register_buffer(f"{name}_scales", scales.reshape(experts, rows), persistent=False)
+            layer.register_buffer(f"{name}_scales", scales.reshape(experts, rows).to(weight.dtype), persistent=False)
 
     def expert_weights(self, layer: nn.Module, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(getattr(layer, f"{n}_codes")[expert].to(dtype) * getattr(layer, f"{n}_scales")[expert]
-                     .to(dtype).unsqueeze(-1) for n in ("w13", "w2"))  # type: ignore[return-value]
+                     .to(dtype).unsqueeze(-1) for n in STACKED)  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        return "int8 experts per row"
 
 
-def moe_method_for(quantizer: object | None) -> FusedMoEMethod:
+def moe_method_for(quantizer: Quantizer | None) -> FusedMoEMethod:
     """The method a fused MoE layer uses: unquantized without a quantizer, else the quantizer's
-    own; a format without expert support is refused with its name."""
+    own; a method without one for experts is refused with its name."""
     if quantizer is None:
         return UnquantizedMoE()
-    method = quantizer.moe_method()  # type: ignore[attr-defined]
+    method = quantizer.moe_method()
     if method is None:
-        raise ValueError(f"quantization '{quantizer.name}' has no method for MoE expert weights yet")  # type: ignore[attr-defined]
+        raise QuantizationError(f"quantization '{quantizer.name}' has no method for mixture-of-experts weights yet "
+                                "(int8 has one): serve this model without it or with --quantize int8")
     return method

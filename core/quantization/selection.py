@@ -17,15 +17,19 @@ if TYPE_CHECKING:
 
 # TGI `--quantize` name -> (Hugging Face quant_method, the config it implies for a float checkpoint)
 FLAG_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "bitsandbytes": ("bitsandbytes", {"load_in_8bit": True}),
-    "bitsandbytes-nf4": ("bitsandbytes", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
-    "bitsandbytes-fp4": ("bitsandbytes", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}),
+    # TGI's bnb layers: LLM.int8 with outlier threshold 6.0; 4-bit with compressed statistics
+    "bitsandbytes": ("bitsandbytes", {"load_in_8bit": True, "llm_int8_threshold": 6.0}),
+    "bitsandbytes-nf4": ("bitsandbytes", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                          "bnb_4bit_use_double_quant": True}),
+    "bitsandbytes-fp4": ("bitsandbytes", {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
+                                          "bnb_4bit_use_double_quant": True}),
     "int8": ("int8", {}),
     "int4": ("int4", {"group_size": 128}),
 }
 # What a method needs when the chosen backend does not offer it (the rest: "not offered").
 REQUIREMENTS = {
-    "eetq": "eetq needs CUDA (the eetq package's int8 kernels)",
+    "eetq": ("eetq is not supported: its CUDA int8 kernels ship only in the eetq package, which is not on "
+             "PyPI (TGI builds it from source); --quantize int8 is the int8 weight-only method here"),
     "exl2": "exl2 needs CUDA (exllamav2 kernels)",
     "marlin": "marlin needs CUDA (Marlin kernels, compute capability >= 8.0)",
 }

@@ -47,6 +47,7 @@ def int4_group_size(in_features: int, requested: int) -> int:
 
 class Int8WeightOnly(Quantizer):
     name = "int8"
+    quantizes_vocab = True
 
     @classmethod
     def check(cls, quant_config: dict[str, Any], backend: Backend, dtype: torch.dtype) -> list[str]:
@@ -65,7 +66,7 @@ class Int8WeightOnly(Quantizer):
         return Int8WeightOnlyMoE()
 
     def describe(self) -> str:
-        return f"int8 weight-only per channel (kernels: {self.kernels.describe()})"
+        return f"int8 weight-only per channel, LM head int8 (kernels: {self.kernels.describe()})"
 
 
 class Int4WeightOnly(Quantizer):

@@ -42,7 +42,9 @@ def apply_typical_p(scores: torch.Tensor, mass: torch.Tensor, enabled: torch.Ten
     """TypicalLogitsWarper: keep the tokens whose surprisal is closest to the entropy until their
     probability mass reaches `mass` [B, 1]; `enabled` [B, 1] bool (typical_p < 1)."""
     normalized = torch.log_softmax(scores, dim=-1)
-    entropy = -(normalized * normalized.exp()).nansum(-1, keepdim=True)
+    terms = normalized * normalized.exp()  # NaN where a token is masked (-inf * 0): it adds nothing
+    # where + sum, not nansum: torch_xla has no nansum lowering and would run it on the host every step
+    entropy = -torch.where(terms.isnan(), torch.zeros_like(terms), terms).sum(-1, keepdim=True)
     shifted = (-normalized - entropy).abs()
     sorted_shifted, sorted_index = torch.sort(shifted, descending=False)
     cumulative = scores.gather(-1, sorted_index).softmax(dim=-1).cumsum(dim=-1)

@@ -56,6 +56,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower value = served first
     cache_salt: str | None = None  # extra prefix-cache key: requests with different salts never share KV
+    adapter_id: str | None = None  # LoRA adapter name; None = the base model
+    adapter_load_id: int | None = None  # which registration of that name (KV of another load is not reused)
 
     output_token_ids: list[int] = field(default_factory=list, init=False)
     num_computed_tokens: int = field(default=0, init=False)

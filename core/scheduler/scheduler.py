@@ -8,6 +8,8 @@ Each `schedule()` spends one token budget (max_batch_prefill_tokens; decode toke
    their prefix-cache hits and a first chunk, up to max_batch_size running requests. One that
    cannot get blocks is skipped (it keeps its place) so it does not stall smaller ones, but the
    walk stops at a request preempted in this same step: nothing ranked below it may take its room.
+   A request whose LoRA adapter would make the running requests use more than max_loras distinct
+   adapters is skipped the same way.
 `update()` then advances the computed tokens, publishes full blocks, appends sampled tokens and
 applies the stop checks. Finished and aborted requests free their blocks at once.
 """
@@ -32,6 +34,8 @@ class SchedulerConfig:
     block_size: int
     num_blocks: int
     enable_prefix_caching: bool = True
+    sliding_window: int | None = None  # every layer's window (KVCacheManager releases blocks behind it)
+    max_loras: int | None = None  # distinct LoRA adapters among running requests at most; None = no limit
 
     def __post_init__(self) -> None:
         for name in ("max_batch_prefill_tokens", "max_model_len", "block_size", "num_blocks"):
@@ -46,7 +50,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager | None = None) -> None:
         self.config = config
         self.kv_manager = kv_manager or KVCacheManager(config.num_blocks, config.block_size,
-                                                       config.enable_prefix_caching)
+                                                       config.enable_prefix_caching, config.sliding_window)
         self.waiting: list[Request] = []  # sorted by _waiting_key
         self.running: list[Request] = []  # sorted by _running_key: the last is preempted first
         self._requests: dict[str, Request] = {}  # unfinished
@@ -167,7 +171,7 @@ class Scheduler:
             request = self.waiting[i]
             if request.request_id in preempted_now:
                 break
-            n = self._try_admit(request, budget)
+            n = self._try_admit(request, budget) if self._has_lora_room(request) else None
             if n is None:
                 i += 1  # skip, not stall: it keeps its place for the next step
                 continue
@@ -190,6 +194,14 @@ class Scheduler:
             request.num_cached_tokens = num_cached
         self._prompt_cached += min(num_cached, request.num_prompt_tokens)
         return n
+
+    def _has_lora_room(self, request: Request) -> bool:
+        """Its adapter is one the running requests use, or they use fewer than max_loras: every
+        running request's adapter stays resident in the model's LoRA slots."""
+        if request.adapter_id is None or self.config.max_loras is None:
+            return True
+        active = {r.adapter_id for r in self.running if r.adapter_id is not None}
+        return request.adapter_id in active or len(active) < self.config.max_loras
 
     def _has_batch_room(self) -> bool:
         return self.config.max_batch_size is None or len(self.running) < self.config.max_batch_size

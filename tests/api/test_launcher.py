@@ -58,8 +58,9 @@ def test_bad_values_name_their_source():
 
 @pytest.mark.parametrize(("argv", "env", "reason"), [
     (["--quantize", "eetq", "--backend", "cpu"], {}, "quantization 'eetq' (--quantize eetq) cannot run on backend "
-     "'cpu': eetq needs CUDA (the eetq package's int8 kernels) (methods it runs: awq, fp8, gptq, int4, int8)"),
-    (["--num-shard", "2"], {}, "num-shard 2 is not supported yet by textgen (supported: 1)"),
+     "'cpu': eetq is not supported: its CUDA int8 kernels ship only in the eetq package, which is not on PyPI "
+     "(TGI builds it from source); --quantize int8 is the int8 weight-only method here (methods it runs: awq, "
+     "bitsandbytes, compressed-tensors, fp8, gptq, int4, int8)"),
     (["--num-shard", "0"], {}, "`num_shard` cannot be < 1"),
     (["--sharded", "true"], {}, "`sharded` is true but `num_shard` <= 1"),
     (["--max-input-tokens", "10", "--max-input-length", "10"], {},
@@ -94,13 +95,13 @@ def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def test_refusal_is_one_line_and_exit_status_2():
-    done = run_cli("--num-shard", "4")
+    done = run_cli("--num-shard", "2", env={"WORLD_SIZE": "3"})
     assert (done.returncode, done.stderr, done.stdout) == (
-        2, "textgen serve: error: num-shard 4 is not supported yet by textgen (supported: 1)\n", "")
+        2, "textgen serve: error: WORLD_SIZE 3 is not a multiple of --num-shard 2 (ranks per node)\n", "")
     done = run_cli("--backend", "cpu", env={"QUANTIZE": "exl2"})
     assert (done.returncode, done.stderr) == (2, "textgen serve: error: quantization 'exl2' (--quantize exl2) cannot "
                                                  "run on backend 'cpu': exl2 needs CUDA (exllamav2 kernels) (methods it "
-                                                 "runs: awq, fp8, gptq, int4, int8)\n")
+                                                 "runs: awq, bitsandbytes, compressed-tensors, fp8, gptq, int4, int8)\n")
 
 
 def test_a_model_that_cannot_load_is_one_line_and_exit_status_1(tmp_path):

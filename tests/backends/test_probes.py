@@ -59,7 +59,7 @@ OFFERED = {  # vendor kernels first; last a plain-torch kernel that runs whereve
     "cuda": ["flash_attn", "flashinfer", "torch_paged"],
     "rocm": ["aiter", "flash_attn_ck", "torch_paged"],
     "xpu": ["xpu_flash_attn", "torch_paged"],
-    "gaudi": ["static_paged"],
+    "gaudi": ["hpu_flat_pa", "static_paged"],  # vllm-hpu-extension's flat_pa on decode steps
     "tpu": ["ragged_paged_attention", "static_paged"],  # static shapes only: XLA compiles per shape
     "inferentia": ["static_paged"],
 }

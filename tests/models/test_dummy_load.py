@@ -100,3 +100,23 @@ def test_every_native_family_builds_from_config_alone_and_runs(arch: str, tmp_pa
                                           block_size=4))
     logits = PagedModel(model, num_blocks=16).step([(Seq(list(range(5, 18))), 13)])[0]
     assert logits.shape == (13, 500) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma3"])
+def test_gemma_norms_start_at_their_identity_zero_as_transformers_builds_them(arch: str, tmp_path: Path) -> None:
+    """Gemma's norm is x * (1 + weight): a fresh transformers model holds zeros there; ones would
+    double every activation of a dummy model."""
+    from transformers import AutoModelForCausalLM
+
+    from textgen.testing.tiny_models import _config
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = _config(arch, 500)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.save_pretrained(str(tmp_path))
+    ours = {n: p for n, p in _load(str(tmp_path)).model.named_parameters() if "norm" in n}
+    theirs = {n: p for n, p in AutoModelForCausalLM.from_config(config).named_parameters() if "norm" in n}
+    assert len(ours) == len(theirs) > 4
+    assert all(p.eq(0).all() for p in theirs.values())
+    assert all(p.eq(0).all() for p in ours.values()), [n for n, p in ours.items() if not p.eq(0).all()]

@@ -187,20 +187,24 @@ def test_architecture_registry() -> None:
     assert sorted(ARCHITECTURES) == NATIVE_ARCHITECTURES
     extra = {"Qwen2ForCausalLM": "textgen.backends.cpu.attention:CPUPagedAttention"}  # any class path
     assert resolve_model_class(llama, extra) is CPUPagedAttention
-    with pytest.raises(ValueError, match=r"not supported: FancyForCausalLM\. Supported architectures: "
-                                         + re.escape(", ".join(NATIVE_ARCHITECTURES)) + "$"):
+    with pytest.raises(ValueError, match=r"not supported: FancyForCausalLM \(no native module, and transformers "
+                                         r"has no causal-LM class for it\)\. Supported: the native architectures "
+                                         + re.escape(", ".join(NATIVE_ARCHITECTURES)) + "; any other"):
         resolve_model_class(SimpleNamespace(architectures=["FancyForCausalLM"]))
 
 
 def test_unsupported_family_is_refused_at_startup_with_the_supported_list(tmp_path: Path) -> None:
-    """A real config.json of a family the native set lacks: load_model (the engine's startup)
-    refuses it by name and lists every supported architecture."""
-    from transformers import CTRLConfig
+    """A real config.json of a family neither path runs (no native module; transformers' class
+    takes no custom attention function): load_model (the engine's startup) refuses it by name,
+    with the reason, and lists every supported architecture."""
+    from transformers import GPTNeoConfig
 
-    CTRLConfig(vocab_size=100, n_embd=32, n_layer=1, n_head=2, dff=64,
-               architectures=["CTRLLMHeadModel"]).save_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match=r"^model architecture not supported: CTRLLMHeadModel\. Supported "
-                                         r"architectures: " + re.escape(", ".join(NATIVE_ARCHITECTURES)) + "$"):
+    GPTNeoConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global"], 2]],
+                 architectures=["GPTNeoForCausalLM"]).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"^model architecture not supported: GPTNeoForCausalLM \(no native module, "
+                                         r"and transformers' GPTNeoForCausalLM does not accept custom attention "
+                                         r"functions\)\. Supported: the native architectures "
+                                         + re.escape(", ".join(NATIVE_ARCHITECTURES)) + "; any other"):
         _load(tmp_path, load_format="dummy")
 
 

@@ -98,3 +98,52 @@ def _write(src: str | Path, out: Path, tensors: dict[str, torch.Tensor], quant_c
         config["quantization_config"] = quant_config
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def write_compressed_tensors(src: str | Path, out: Path, preset: str, fmt: str, weight_only: bool = False,
+                             **weight_args: object) -> Path:
+    """`src` quantized by the compressed-tensors library with one of its preset schemes (e.g.
+    "W4A16", "W8A8", "FP8_DYNAMIC") on every Linear but the LM head, min/max weight scales (what
+    an observer computes without calibration data), compressed in format `fmt` and saved by
+    transformers: the files llm-compressor writes. `weight_args` override the scheme's weights;
+    `weight_only` drops its activation quantization (static scales would need calibration data)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus,
+                                                 apply_quantization_config, preset_name_to_scheme)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    for key, value in weight_args.items():
+        setattr(scheme.weights, key, value)
+    if weight_only:
+        scheme.input_activations = None
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                                quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(model, config, show_progress=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and hasattr(module, "quantization_scheme"):
+            args = module.quantization_scheme.weights
+            low, high = _observed_range(module.weight.data, args.strategy, args.group_size)
+            scale, zero_point = calculate_qparams(low, high, args)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data.copy_(zero_point.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(str(out))
+    compressor.update_config(str(out))
+    for extra in Path(src).iterdir():
+        if extra.name.startswith("tokenizer") or extra.suffix == ".jinja":
+            shutil.copy(extra, out)
+    return out
+
+
+def _observed_range(weight: torch.Tensor, strategy: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if strategy == "tensor":
+        return weight.amin().reshape(1), weight.amax().reshape(1)
+    if strategy == "channel":
+        return weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    groups = weight.reshape(weight.shape[0], -1, group_size)
+    return groups.amin(-1), groups.amax(-1)

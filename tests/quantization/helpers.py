@@ -40,3 +40,24 @@ def greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
             seq.tokens.append(token)
             logits = paged.step([(seq, 1)])[0]
     return out
+
+
+def copy_dequantized(quantized: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """plain's weights := quantized's weights dequantized (linear layers through their kernels,
+    fused MoE experts through their method, an int8 LM head and the embedding tied to it), so
+    that plain is the float model the quantized one must compute."""
+    from textgen.core.layers.embedding import LMHead
+    from textgen.core.layers.moe import FusedMoE
+    from textgen.core.quantization.moe import STACKED
+
+    modules = dict(quantized.named_modules())
+    for name, module in plain.named_modules():
+        source = modules[name]
+        if isinstance(module, FusedMoE):
+            experts = [source.method.expert_weights(source, e, torch.float32) for e in range(source.num_experts)]
+            for index, stacked in enumerate(STACKED):
+                getattr(module, stacked).data.copy_(torch.stack([pair[index] for pair in experts]))
+        elif getattr(source, "quantizer", None) is not None:
+            module.weight.data.copy_(source.quantizer.kernels.dense_weight(source, torch.float32))
+        elif isinstance(module, LMHead) and getattr(source, "kernels", None) is not None:
+            module.weight.data.copy_(source.kernels.dense_weight(source, torch.float32))  # tied: the embedding too

@@ -27,7 +27,7 @@ def test_cpu_kernels_compute_the_dequantized_weight(dtype, rows):
     """Both paths (packed kernel up to MAX_PACKED_ROWS, dequantize + GEMM above) against x @ W.T
     of the dequantized weight in float64; tolerance: one activation-dtype rounding of the output."""
     gen = torch.Generator().manual_seed(rows)
-    weight, x = torch.randn(96, 256, generator=gen) * 0.05, torch.randn(rows, 256, generator=gen).to(dtype)
+    weight, x = torch.randn(128, 256, generator=gen) * 0.05, torch.randn(rows, 256, generator=gen).to(dtype)
     atol = 1e-4 if dtype == torch.float32 else 3e-2
     codes, scales, zeros = quantize_int4_groups(weight, 64)
     layer = _layer(dtype)
@@ -61,17 +61,19 @@ def test_on_the_fly_methods_stay_close_and_shrink_weights(tiny_llama):
 
 @pytest.mark.parametrize("method", [UnquantizedMoE, Int8WeightOnlyMoE])
 def test_moe_methods_compute_the_routed_experts(method):
-    """Each token's output = sum over its top-k experts of weight * down(silu(gate(x)) * up(x))."""
+    """Each token's output = sum over its top-k experts of weight * down(silu(gate(x)) * up(x)),
+    experts loaded one part at a time (shard ids (expert, part)) as from a Mixtral checkpoint."""
     gen = torch.Generator().manual_seed(0)
     experts, hidden, inter, tokens, k = 4, 32, 48, 10, 2
     w1, w3 = torch.randn(experts, inter, hidden, generator=gen), torch.randn(experts, inter, hidden, generator=gen)
     w2 = torch.randn(experts, hidden, inter, generator=gen)
     layer, impl = nn.Module(), method()
+    layer.act = torch.nn.functional.silu
     impl.create_weights(layer, experts, hidden, inter, torch.float32)
     for e in range(experts):
-        layer.w13_weight.weight_loader(layer.w13_weight, w1[e], "w1", e)
-        layer.w13_weight.weight_loader(layer.w13_weight, w3[e], "w3", e)
-        layer.w2_weight.weight_loader(layer.w2_weight, w2[e], "w2", e)
+        for part, tensor in enumerate((w1[e], w3[e])):
+            layer.gate_up_proj.weight_loader(layer.gate_up_proj, tensor, (e, part))
+        layer.down_proj.weight_loader(layer.down_proj, w2[e], (e, 2))
     impl.process_after_loading(layer)
     x = torch.randn(tokens, hidden, generator=gen)
     ids = torch.randint(0, experts, (tokens, k), generator=gen)
@@ -80,6 +82,8 @@ def test_moe_methods_compute_the_routed_experts(method):
                                 for j, e in enumerate(ids[t].tolist())) for t in range(tokens)])
     rel = 1e-5 if method is UnquantizedMoE else 2e-2  # int8: ~1/254 of each row's range per weight
     assert torch.allclose(impl.apply(layer, x, weights, ids), expected, atol=rel * expected.abs().max())
+    if method is Int8WeightOnlyMoE:
+        assert layer.gate_up_proj_codes.dtype == torch.int8 and "gate_up_proj" not in dict(layer.named_parameters())
 
 
 def test_demo_model_greedy_agreement():
@@ -103,7 +107,7 @@ def test_unknown_method_and_bad_shapes_are_one_line_errors(tiny_llama, tmp_path)
     (unknown / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "hqq"}}))
     with pytest.raises(QuantizationError, match=r"^quantization 'hqq' \(the checkpoint's quantization_config\) "
                                                 r"cannot run on backend 'cpu': backend 'cpu' does not offer it "
-                                                r"\(methods it runs: awq, fp8, gptq, int4, int8\)$"):
+                                                r"\(methods it runs: awq, bitsandbytes, compressed-tensors, fp8, gptq, int4, int8\)$"):
         load_quantized(str(unknown))
     with pytest.raises(QuantizationError, match="already quantized with 'hqq'; --quantize int8 cannot re-quantize"):
         load_quantized(str(unknown), "int8")

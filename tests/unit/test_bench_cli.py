@@ -42,7 +42,7 @@ def test_report_names_the_model_and_the_machine(report: tuple[dict, str]) -> Non
     data, _ = report
     model = data["model"]
     assert (model["architecture"], model["load_format"], model["dtype"], model["attention"]) == (
-        "LlamaForCausalLM", "dummy", "float32", "cpu_paged")
+        "LlamaForCausalLM", "dummy", "float32", "cpu_fused")
     assert model["num_parameters"] == TINY_PARAMS
     assert model["backend"].startswith("cpu")
     assert data["machine"]["cores"] == os.cpu_count() and len(data["machine"]["load_average"]) == 3

@@ -171,7 +171,8 @@ def test_cpu_wins_auto_selection_without_accelerators() -> None:
     pm = PluginManager()
     assert pm.select().name == "cpu"
     attention = pm.hook.textgen_attention_backends(backend=None)
-    assert attention == [[AttentionBackendInfo("cpu_paged", "textgen.backends.cpu.attention:CPUPagedAttention", 0)]]
+    assert attention == [[AttentionBackendInfo("cpu_fused", "textgen.backends.cpu.fused_attention:CPUFusedPagedAttention", 10),
+                          AttentionBackendInfo("cpu_paged", "textgen.backends.cpu.attention:CPUPagedAttention", 0)]]
 
 
 def test_a_raising_probe_becomes_an_unavailable_candidate() -> None:
