@@ -36,6 +36,7 @@ def build_seq2seq_parts(config: EngineConfig, backend: Any, hf_config: Any, path
     """Runner, tokenizer, budgets and a scheduler without prefix caching. The scheduler's blocks
     are bookkeeping (the decoder caches are transformers' own, per request): enough for
     `max_batch_size` (default DEFAULT_MAX_REQUESTS) requests of `max_total_tokens` each."""
+    from textgen.core.engine.executor import InProcessExecutor
     from textgen.core.engine.setup import EngineParts, _build_scheduler, eos_ids, load_tokenizer
     from textgen.core.seq2seq.runner import Seq2SeqRunner
 
@@ -52,4 +53,5 @@ def build_seq2seq_parts(config: EngineConfig, backend: Any, hf_config: Any, path
              f"seq2seq path: the decoder runs each request alone within a step; scheduler bookkeeping for "
              f"{num_blocks} blocks x {config.block_size} tokens; no prefix caching", *budget_lines[1:]]
     scheduler = _build_scheduler(config, num_blocks)
-    return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(hf_config, tokenizer, path), lines)
+    return EngineParts(backend, runner, tokenizer, scheduler, eos_ids(hf_config, tokenizer, path), lines,
+                       InProcessExecutor(runner))
