@@ -50,6 +50,7 @@ class _DecoderState:
 
 class Seq2SeqRunner:
     outputs_continue_prompt = False  # the engine detokenizes outputs without the prompt before them
+    lora = None  # no LoRA adapters on the seq2seq path
     path_description = "seq2seq path (encoder once per request, decoder with transformers' cache)"
 
     def __init__(self, config: EngineConfig, backend: Backend, hf_config: Any, path: Path) -> None:
