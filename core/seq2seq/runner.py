@@ -61,6 +61,11 @@ class Seq2SeqRunner:
         self.dtype = resolve_dtype(config.dtype, hf_config, backend)
         self.model = self._load(config, hf_config, path).to(self.device).eval()
         self.start_token_id = int(self.model.config.decoder_start_token_id)
+        from textgen.core.loader.model_loader import LoadedModel, weight_bytes
+
+        # what the engine and /info read of a loaded model: unquantized, one shard
+        self.loaded = LoadedModel(self.model, hf_config, self.dtype, path, "none", None, weight_bytes(self.model),
+                                  "seq2seq")
         self.sampler = Sampler()
         self.states: dict[str, _DecoderState] = {}
 
