@@ -12,17 +12,12 @@ from textgen.core import LLM
 from textgen.core.engine.types import EngineRequest, RequestOutput
 from textgen.core.sampling_params import GrammarSpec, SamplingParams
 
+from tests.engine.test_generation import PROMPTS as GENERATION_PROMPTS
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = [
-    "def add(a, b):",
-    "import os",
-    "class Foo(object):\n    def __init__(self):",
-    "x = 1",
-    "for i in range(10):\n    print(i)\n# now the same thing with a while loop\n",
-    "return",
-    '"""A module docstring that goes on for a while, explaining what the module does and why."""',
-    "if __name__ == '__main__':",
+    *GENERATION_PROMPTS,
     "a b c a b c a b c a b c a b",
     "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,",
     "foo bar foo bar foo bar foo",

@@ -61,3 +61,17 @@ def copy_dequantized(quantized: torch.nn.Module, plain: torch.nn.Module) -> None
             module.weight.data.copy_(source.quantizer.kernels.dense_weight(source, torch.float32))
         elif isinstance(module, LMHead) and getattr(source, "kernels", None) is not None:
             module.weight.data.copy_(source.kernels.dense_weight(source, torch.float32))  # tied: the embedding too
+
+
+def hf_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    """A transformers model's float32 logits [n, V] for one prompt."""
+    with torch.inference_mode():
+        return model(torch.tensor([tokens])).logits[0].float()
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
+    """`steps` greedy tokens of a transformers model, one full forward per token (no cache)."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(hf_logits(model, tokens)[-1].argmax()))
+    return tokens[len(prompt):]

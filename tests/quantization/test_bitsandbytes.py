@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.quantization.helpers import greedy, load_quantized, prefill_logits
+from tests.quantization.helpers import greedy, hf_greedy, hf_logits, load_quantized, prefill_logits
 
 pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
@@ -35,18 +35,6 @@ FLAGS = {"bitsandbytes": (CONFIGS["int8"], 0.02), "bitsandbytes-nf4": (CONFIGS["
 def hf_bnb(path: str, config: dict) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**config),
                                                 device_map="cpu", dtype=torch.float32).eval()
-
-
-def hf_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(torch.tensor([tokens])).logits[0].float()
-
-
-def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(steps):
-        tokens.append(int(hf_logits(model, tokens)[-1].argmax()))
-    return tokens[len(prompt):]
 
 
 def assert_same_model(textgen_model: torch.nn.Module, hf: torch.nn.Module) -> None:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.quantization.checkpoints import write_compressed_tensors
-from tests.quantization.helpers import greedy, load_quantized, prefill_logits
+from tests.quantization.helpers import greedy, hf_greedy, hf_logits, load_quantized, prefill_logits
 
 pytest.importorskip("compressed_tensors")
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -35,18 +35,6 @@ CASES = {
     "fp8-tensor": ("FP8", "float-quantized", {"weight_only": True}, "FP8 per tensor"),
     "fp8-channel-dynamic": ("FP8_DYNAMIC", "float-quantized", {}, "FP8 per channel"),
 }
-
-
-def hf_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(torch.tensor([tokens])).logits[0].float()
-
-
-def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(steps):
-        tokens.append(int(hf_logits(model, tokens)[-1].argmax()))
-    return tokens[len(prompt):]
 
 
 @pytest.mark.parametrize("name", list(CASES))
