@@ -89,6 +89,8 @@ def _sharded(config: dict) -> dict:
 @pytest.mark.parametrize("arch, overrides", [
     ("llama", {"num_key_value_heads": 1}),  # GQA with fewer kv heads than ranks: the kv head is replicated
     ("qwen2", {}),  # tied embeddings: the vocab-parallel embedding is the LM head
+    ("qwen2_moe", {}),  # experts split on their intermediate axis, the shared expert reduced with them
+    ("olmo2", {}),  # q/k norms over all heads: the sum of squares is all-reduced
 ])
 def test_two_shards_match_one(tiny_model_factory, one_torch_thread, arch: str, overrides: dict) -> None:
     config = {**CONFIG, "model_id": tiny_model_factory(arch, **overrides)}
