@@ -91,6 +91,8 @@ def _sharded(config: dict) -> dict:
     ("qwen2", {}),  # tied embeddings: the vocab-parallel embedding is the LM head
     ("qwen2_moe", {}),  # experts split on their intermediate axis, the shared expert reduced with them
     ("olmo2", {}),  # q/k norms over all heads: the sum of squares is all-reduced
+    ("gpt2", {}),  # Conv1D (transposed) weights, fused [q | k | v] c_attn
+    ("gpt_bigcode", {}),  # multi-query: the one kv head replicated
 ])
 def test_two_shards_match_one(tiny_model_factory, one_torch_thread, arch: str, overrides: dict) -> None:
     config = {**CONFIG, "model_id": tiny_model_factory(arch, **overrides)}
