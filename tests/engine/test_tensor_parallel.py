@@ -88,16 +88,18 @@ def _sharded(configs: list[dict], rounds: tuple = (ROUND_1, ROUND_2)) -> list[di
         return [out[i] for i in range(len(configs))]
 
 
-def _assert_same(one: dict, two: dict, new_tokens: int = 20) -> None:
-    """Greedy tokens and cached counts equal, logprobs (chosen and top-3) within TOLERANCE."""
+def _assert_same(one: dict, two: dict, tolerance: float = TOLERANCE, new_tokens: int = 20) -> None:
+    """Greedy tokens and cached counts equal, logprobs (chosen and top-3) within `tolerance`; the
+    top-3 ids in the same order at float tolerance (quantization noise may swap near-ties)."""
     for a, b in zip(one["results"], two["results"], strict=True):
         assert a["error"] is None and b["error"] is None
         assert b["tokens"] == a["tokens"] and b["cached"] == a["cached"]
         assert len(a["tokens"]) == new_tokens
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < TOLERANCE
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < tolerance
         for top_a, top_b in zip(a["top"], b["top"]):
-            assert [t for t, _ in top_a] == [t for t, _ in top_b]
-            assert max(abs(x - y) for (_, x), (_, y) in zip(top_a, top_b)) < TOLERANCE
+            if tolerance <= TOLERANCE:
+                assert [t for t, _ in top_a] == [t for t, _ in top_b]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(top_a, top_b)) < tolerance
 
 
 @pytest.mark.parametrize("arch, overrides", [
@@ -126,15 +128,23 @@ FAMILIES = [
     ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),  # one KV group per rank
     ("falcon", {"multi_query": False, "alibi": True, "parallel_attn": False, "bias": True}),  # RW: ALiBi
 ]
+# int8 on the fly: the int8 experts and the int8 LM head (vocab rows) sharded. Row-parallel
+# weights (o_proj, down, the experts' down) get per-row scales over each rank's slice, finer than
+# one shard's, so logprobs agree to the quantization noise only.
+INT8_FAMILIES = [("qwen2_moe", {}), ("qwen2", {})]  # qwen2: the tied int8 embedding looked up per rank
+INT8_TOLERANCE = 0.05  # observed 0.023; an unsharded-vocab bug gave 0.6
 FAMILY_ROUNDS = ([ROUND_1[0][:20], ROUND_1[1][:9]],)
 
 
 def test_every_family_two_shards_match_one(tiny_model_factory, one_torch_thread) -> None:
-    configs = [{**CONFIG, "model_id": tiny_model_factory(arch, **overrides)} for arch, overrides in FAMILIES]
+    cases = ([(arch, overrides, {}, TOLERANCE) for arch, overrides in FAMILIES]
+             + [(arch, overrides, {"quantize": "int8"}, INT8_TOLERANCE) for arch, overrides in INT8_FAMILIES])
+    configs = [{**CONFIG, **engine, "model_id": tiny_model_factory(arch, **overrides)}
+               for arch, overrides, engine, _ in cases]
     ones = [_generate(config, FAMILY_ROUNDS) for config in configs]
     twos = _sharded(configs, FAMILY_ROUNDS)
-    for (arch, overrides), one, two in zip(FAMILIES, ones, twos, strict=True):
+    for (arch, overrides, engine, tolerance), one, two in zip(cases, ones, twos, strict=True):
         try:
-            _assert_same(one, two)
+            _assert_same(one, two, tolerance)
         except AssertionError as error:
-            raise AssertionError(f"{arch} {overrides}: 2 shards differ from 1") from error
+            raise AssertionError(f"{arch} {overrides} {engine}: 2 shards differ from 1") from error
