@@ -120,6 +120,7 @@ def test_two_shards_match_one(tiny_model_factory, one_torch_thread, arch: str, o
 FAMILIES = [
     ("qwen2_moe", {}),  # experts split on their intermediate axis, reduced with the shared expert
     ("mixtral", {}),  # every layer a MoE, no shared expert
+    ("qwen3_moe", {}),  # the same experts behind Qwen3's per-head q/k norms
     ("olmo2", {}),  # q/k norms over all heads: the sum of squares is all-reduced
     ("gpt2", {}),  # Conv1D (transposed) weights, fused [q | k | v] c_attn
     ("gpt_bigcode", {}),  # multi-query: the one kv head replicated
