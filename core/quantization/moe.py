@@ -80,14 +80,19 @@ def _copy_checked(target: torch.Tensor, loaded: torch.Tensor, what: str) -> None
     target.copy_(loaded)
 
 
+def _tp(layer: nn.Module) -> tuple[int, int]:
+    """(rank, size) of the layer's tensor-parallel group; a layer without them is unsharded."""
+    return getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
+
+
 def _rank_part(layer: nn.Module, loaded: torch.Tensor, dim: int) -> torch.Tensor:
     """This rank's slice of one part along the intermediate axis `dim` (gate/up rows, down
     columns): column-parallel gate/up, row-parallel down, as the dense MLP shards them."""
-    size = layer.intermediate_size
-    if loaded.shape[dim] != size * layer.tp_size:
-        raise ValueError(f"expert tensor of shape {tuple(loaded.shape)} does not have {size * layer.tp_size} "
+    (rank, tp), size = _tp(layer), layer.intermediate_size
+    if loaded.shape[dim] != size * tp:
+        raise ValueError(f"expert tensor of shape {tuple(loaded.shape)} does not have {size * tp} "
                          f"entries on axis {dim}")
-    return loaded.narrow(dim, layer.tp_rank * size, size)
+    return loaded.narrow(dim, rank * size, size)
 
 
 def stacked_loader(layer: nn.Module, name: str):  # noqa: ANN202 - a weight_loader closure
@@ -95,11 +100,11 @@ def stacked_loader(layer: nn.Module, name: str):  # noqa: ANN202 - a weight_load
     this rank's slice of the intermediate axis (a `LazySlice` reads only that slice)."""
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        size, full = layer.intermediate_size, layer.intermediate_size * layer.tp_size
+        size, full = layer.intermediate_size, layer.intermediate_size * _tp(layer)[1]
         if shard_id is None:
             if name == "down_proj":
                 loaded = _rank_part(layer, loaded, 2)
-            elif layer.tp_size > 1:  # [E, 2I, H]: this rank's gate rows, then its up rows
+            elif full != size:  # [E, 2I, H]: this rank's gate rows, then its up rows
                 for part in (0, 1):
                     _copy_checked(param.data.narrow(1, part * size, size),
                                   _rank_part(layer, loaded.narrow(1, part * full, full), 1), f"stacked {name}")
