@@ -47,23 +47,27 @@ class VocabEmbedding(nn.Module):
             param.data[:n].copy_(loaded.narrow(0, self.start, n))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if "weight" not in self._parameters:  # int8 rows shared with the LM head (core/quantization/vocab.py)
-            dtype = self.compute_dtype
-            return self.int8_codes[input_ids].to(dtype) * self.int8_scales[input_ids].to(dtype).unsqueeze(-1)
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.rows)
-        hidden = F.embedding(local.masked_fill(outside, 0), self.weight)
+        hidden = self._lookup(local.masked_fill(outside, 0))
         hidden.masked_fill_(outside.unsqueeze(-1), 0)
         return _communicator(self).all_reduce(hidden)
+
+    def _lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of this rank's table (float, or the int8 rows shared with the LM head)."""
+        if "weight" not in self._parameters:  # int8 rows shared with the LM head (core/quantization/vocab.py)
+            dtype = self.compute_dtype
+            return self.int8_codes[rows].to(dtype) * self.int8_scales[rows].to(dtype).unsqueeze(-1)
+        return F.embedding(rows, self.weight)
 
 
 class LMHead(nn.Module):
     """[N, hidden] -> float32 logits [N, vocab]. With `tied_to`, shares the embedding's weight
     (then the checkpoint's lm_head.weight, if any, is ignored by the model) and its sharding. A
     quantization method may replace the weight by int8 rows computed through its `kernels`
-    (core/quantization/vocab.py; one shard only)."""
+    (core/quantization/vocab.py), its rank's rows only under tensor parallelism."""
 
     kernels: WeightKernels | None = None
     communicator: Communicator | None = None  # attached by the loader
@@ -81,9 +85,10 @@ class LMHead(nn.Module):
             self.weight = shard.weight  # the same row split and loader as the embedding's
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None:
-            return self.kernels.apply(self, hidden, None).float()
-        logits = F.linear(hidden, self.weight).float()
+        if self.kernels is not None:  # int8 rows of this rank's vocabulary slice
+            logits = self.kernels.apply(self, hidden, None).float()
+        else:
+            logits = F.linear(hidden, self.weight).float()
         if self.tp_size == 1:
             return logits
         return _communicator(self).all_gather(logits, dim=-1)[..., : self.vocab_size]

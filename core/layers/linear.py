@@ -103,10 +103,15 @@ class RowLinear(LinearBase):
             loaded = _rank_slice(loaded, dim, self.tp_rank, size, size * self.tp_size)
         _copy_checked(param.data, loaded)
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's unreduced share of x @ W.T, without the bias: for a caller that sums it
+        with other partials and reduces them all at once (a MoE layer's shared expert)."""
+        return self._linear(x, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return self._linear(x, self.bias)
-        out = self._linear(x, None)  # the bias is added once, after the reduction
+        out = self.partial(x)  # the bias is added once, after the reduction
         if self.communicator is None:
             raise RuntimeError("a row-parallel layer with tp_size > 1 has no communicator (the loader attaches one)")
         self.communicator.all_reduce(out)

@@ -35,18 +35,23 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
 class FusedMoE(nn.Module):
     """[T, H] tokens, their top-k (weights, expert ids) -> [T, H] = sum_k w_k * expert_k(x).
 
+    Tensor parallelism shards every expert's intermediate axis: gate/up column-parallel, down
+    row-parallel, so with `tp_size` > 1 the output is this rank's partial sum; the caller
+    all-reduces it (once per layer, together with a shared expert's partial).
+
     The stacked expert weights, their loaders and the grouped GEMM belong to the MoE method the
     quantizer gives (`textgen.core.quantization.moe`): unquantized without one."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str,
-                 dtype: torch.dtype, tp_size: int = 1, quantizer: Quantizer | None = None) -> None:
+                 dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1, quantizer: Quantizer | None = None) -> None:
         super().__init__()
-        if tp_size != 1:
-            raise ValueError("mixture-of-experts layers run on one device only (tensor parallelism "
-                             "is not implemented for them yet)")
+        if intermediate_size % tp_size:
+            raise ValueError(f"expert intermediate size {intermediate_size} is not divisible by the "
+                             f"tensor-parallel size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.act = activation(act)
         self.method = moe_method_for(quantizer)
-        self.method.create_weights(self, num_experts, hidden_size, intermediate_size, dtype)
+        self.method.create_weights(self, num_experts, hidden_size, intermediate_size // tp_size, dtype)
 
     def process_after_loading(self) -> None:
         self.method.process_after_loading(self)

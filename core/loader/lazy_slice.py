@@ -56,6 +56,10 @@ class LazySlice:
         window = (*self.window[:dim], (lo + start, lo + start + length), *self.window[dim + 1:])
         return LazySlice(self._handle, self.name, window, self.reads)
 
+    def t(self) -> TransposedSlice:
+        """The 2-D window transposed, still lazy (Conv1D checkpoints store W as [in, out])."""
+        return TransposedSlice(self)
+
     def materialize(self) -> torch.Tensor:
         self.reads.append((self.name, self.window))
         if not self.window:  # a scalar
@@ -75,8 +79,47 @@ class LazySlice:
         return f"LazySlice({self.name!r}, window={self.window})"
 
 
+class TransposedSlice:
+    """A `LazySlice` seen transposed: `narrow` on one axis narrows the other axis of the window,
+    so a loader slicing the transposed weight still reads only its rows or columns."""
+
+    def __init__(self, inner: LazySlice) -> None:
+        if inner.dim() != 2:
+            raise ValueError(f"t() expects a 2-D tensor, {inner.name} has {inner.dim()} axes")
+        self.inner = inner
+        self.dtype = inner.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(reversed(self.inner.shape))
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 2
+
+    def narrow(self, dim: int, start: int, length: int) -> TransposedSlice:
+        return TransposedSlice(self.inner.narrow(1 - dim % 2, start, length))
+
+    def t(self) -> LazySlice:
+        return self.inner
+
+    def materialize(self) -> torch.Tensor:
+        return self.inner.materialize().t()
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return func(*_materialized(args), **_materialized(kwargs or {}))
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.materialize(), attr)
+
+
 def _materialized(value: Any) -> Any:
-    if isinstance(value, LazySlice):
+    if isinstance(value, (LazySlice, TransposedSlice)):
         return value.materialize()
     if isinstance(value, (list, tuple)):
         return type(value)(_materialized(v) for v in value)
@@ -85,9 +128,9 @@ def _materialized(value: Any) -> Any:
     return value
 
 
-def materialize(value: torch.Tensor | LazySlice) -> torch.Tensor:
+def materialize(value: torch.Tensor | LazySlice | TransposedSlice) -> torch.Tensor:
     """The tensor itself, or the window's values read from the file."""
-    return value.materialize() if isinstance(value, LazySlice) else value
+    return value.materialize() if isinstance(value, (LazySlice, TransposedSlice)) else value
 
 
 def iterate_safetensor_slices(path: Any, reads: list | None = None) -> Any:

@@ -6,7 +6,12 @@ or sequential with a second LayerNorm; `query_key_value` is [q heads | k | v] wi
 Falcon adds ALiBi before the 1/sqrt(d) scaling, so the spec's slopes carry that factor.
 New (Falcon-40B/180B, `new_decoder_architecture`): `num_kv_heads` KV groups, each stored as
 [its q heads | k | v]; two LayerNorms (ln_attn, ln_mlp) unless `num_ln_in_parallel_attn` is 1.
-Every variant: x + attn + mlp (parallel) or the sequential residuals; gelu MLP; biases with `bias`."""
+Every variant: x + attn + mlp (parallel) or the sequential residuals; gelu MLP; biases with `bias`.
+
+Tensor parallelism: multi-query's [q heads | k | v] is a `QKVLinear` (each rank its q heads, the
+one KV head replicated); the per-head and per-group layouts are column layers whose rank slice is
+whole heads or whole KV groups (the new architecture needs `num_kv_heads` divisible by the ranks);
+ALiBi slopes are the rank's heads'."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -18,7 +23,7 @@ from textgen.core.attention import AttentionSpec
 from textgen.core.layers.activation import activation
 from textgen.core.layers.attention import Attention
 from textgen.core.layers.embedding import VocabEmbedding
-from textgen.core.layers.linear import ColumnLinear, RowLinear
+from textgen.core.layers.linear import ColumnLinear, QKVLinear, RowLinear
 from textgen.core.layers.norm import LayerNorm
 from textgen.core.layers.rotary import RotaryEmbedding, get_rope
 from textgen.core.models.bloom import alibi_slopes
@@ -32,22 +37,36 @@ if TYPE_CHECKING:
 class FalconAttention(nn.Module):
     def __init__(self, cfg: Any, layer_idx: int, build: ModelBuildContext) -> None:
         super().__init__()
-        hidden, heads = cfg.hidden_size, cfg.num_attention_heads
-        self.head_size, self.num_heads = hidden // heads, heads
+        hidden, heads, rank, tp = cfg.hidden_size, cfg.num_attention_heads, build.tp_rank, build.tp_size
         self.new_arch = bool(cfg.new_decoder_architecture)
-        self.num_kv_heads = cfg.num_kv_heads if (self.new_arch or not cfg.multi_query) else 1
-        out = (2 * self.num_kv_heads + heads) * self.head_size if self.new_arch or cfg.multi_query else 3 * hidden
-        self.query_key_value = ColumnLinear(hidden, out, cfg.bias, build.dtype, build.quantizer)
-        self.dense = RowLinear(hidden, hidden, cfg.bias, build.dtype, build.quantizer)
+        kv_heads = cfg.num_kv_heads if self.new_arch else (1 if cfg.multi_query else heads)
+        if heads % tp:
+            raise ValueError(f"Falcon's {heads} attention heads cannot be split over {tp} shards: "
+                             f"use a --num-shard that divides {heads}")
+        if self.new_arch and kv_heads > 1 and kv_heads % tp:
+            raise ValueError(f"Falcon's {kv_heads} query/key/value groups cannot be split over {tp} shards: "
+                             f"use a --num-shard that divides {kv_heads}")
+        self.head_size, self.num_heads, self.num_kv_heads = hidden // heads, heads // tp, max(1, kv_heads // tp)
+        self.grouped = self.new_arch or kv_heads == 1  # [q heads | k | v] per KV group, else [q | k | v] per head
+        if kv_heads == 1:  # one group: [q heads | k | v], as QKVLinear lays it out
+            self.query_key_value = QKVLinear(hidden, self.head_size, heads, 1, cfg.bias, build.dtype,
+                                             build.quantizer, rank, tp)
+        else:
+            out = (2 * kv_heads + heads) * self.head_size
+            self.query_key_value = ColumnLinear(hidden, out, cfg.bias, build.dtype, build.quantizer, rank, tp)
+        self.dense = RowLinear(hidden, hidden, cfg.bias, build.dtype, build.quantizer, rank, tp)
         scale = self.head_size ** -0.5
-        slopes = tuple(s * scale for s in alibi_slopes(heads)) if cfg.alibi else None
-        spec = AttentionSpec(heads, self.num_kv_heads, self.head_size, build.dtype, scale=scale, alibi_slopes=slopes)
+        slopes = None
+        if cfg.alibi:
+            slopes = tuple(s * scale for s in alibi_slopes(heads)[rank * self.num_heads: (rank + 1) * self.num_heads])
+        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_size, build.dtype, scale=scale,
+                             alibi_slopes=slopes)
         self.attn = Attention(spec, layer_idx)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused projection -> flat q [T, H*D], k and v [T, Hkv*D]."""
+        """This rank's fused projection -> flat q [T, H*D], k and v [T, Hkv*D] (its own heads)."""
         tokens, d = qkv.shape[0], self.head_size
-        if self.new_arch or self.num_kv_heads == 1:  # per KV group: [q heads of the group | k | v]
+        if self.grouped:  # per KV group: [q heads of the group | k | v]
             groups = qkv.view(tokens, self.num_kv_heads, -1, d)
             q, k, v = groups[:, :, :-2], groups[:, :, -2], groups[:, :, -1]
         else:  # per head: [q | k | v]
@@ -66,8 +85,11 @@ class FalconAttention(nn.Module):
 class FalconMLP(nn.Module):
     def __init__(self, cfg: Any, build: ModelBuildContext) -> None:
         super().__init__()
-        self.dense_h_to_4h = ColumnLinear(cfg.hidden_size, cfg.ffn_hidden_size, cfg.bias, build.dtype, build.quantizer)
-        self.dense_4h_to_h = RowLinear(cfg.ffn_hidden_size, cfg.hidden_size, cfg.bias, build.dtype, build.quantizer)
+        rank, tp = build.tp_rank, build.tp_size
+        self.dense_h_to_4h = ColumnLinear(cfg.hidden_size, cfg.ffn_hidden_size, cfg.bias, build.dtype,
+                                          build.quantizer, rank, tp)
+        self.dense_4h_to_h = RowLinear(cfg.ffn_hidden_size, cfg.hidden_size, cfg.bias, build.dtype,
+                                       build.quantizer, rank, tp)
         self.act = activation(cfg.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +132,8 @@ class FalconDecoderLayer(nn.Module):
 class FalconModel(nn.Module):
     def __init__(self, cfg: Any, build: ModelBuildContext) -> None:
         super().__init__()
-        self.word_embeddings = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype)
+        self.word_embeddings = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, build.dtype, build.tp_rank,
+                                              build.tp_size)
         self.h = nn.ModuleList(FalconDecoderLayer(cfg, i, build) for i in range(cfg.num_hidden_layers))
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_epsilon, build.dtype)
         self.rotary_emb = None if cfg.alibi else get_rope(cfg, cfg.hidden_size // cfg.num_attention_heads)
@@ -125,8 +148,3 @@ class FalconModel(nn.Module):
 
 class FalconForCausalLM(CausalLM):
     trunk_cls = FalconModel
-
-    def __init__(self, hf_config: Any, build: ModelBuildContext) -> None:
-        if build.tp_size != 1:
-            raise ValueError("Falcon runs on one device only (its grouped query_key_value is not sharded yet)")
-        super().__init__(hf_config, build)

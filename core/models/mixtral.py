@@ -23,19 +23,26 @@ from textgen.core.models.qwen3 import Qwen3Attention
 from textgen.core.models.weights import LLAMA_STACKED, WeightMap, per_expert_rules
 
 if TYPE_CHECKING:
+    from textgen.core.distributed import Communicator
     from textgen.core.models.base import ModelBuildContext
 
 
 class SparseMoeBlock(nn.Module):
-    """Router `gate` (replicated, unquantized) + `experts`, and optionally a gated shared expert."""
+    """Router `gate` (replicated, unquantized) + `experts`, and optionally a gated shared expert.
+
+    Tensor parallelism: the experts and the shared expert are sharded on their intermediate axis;
+    the sigmoid gate is a per-token scalar (replicated), so both partial outputs are summed first
+    and reduced with one all-reduce per layer."""
+
+    communicator: Communicator | None = None  # attached by the loader
 
     def __init__(self, cfg: Any, build: ModelBuildContext, num_experts: int, intermediate_size: int,
                  renormalize: bool, shared_intermediate_size: int = 0) -> None:
         super().__init__()
-        self.top_k, self.renormalize = cfg.num_experts_per_tok, renormalize
+        self.top_k, self.renormalize, self.tp_size = cfg.num_experts_per_tok, renormalize, build.tp_size
         self.gate = Linear(cfg.hidden_size, num_experts, False, build.dtype)
         self.experts = FusedMoE(num_experts, cfg.hidden_size, intermediate_size, cfg.hidden_act, build.dtype,
-                                build.tp_size, build.quantizer)
+                                build.tp_rank, build.tp_size, build.quantizer)
         self.shared_expert = self.shared_expert_gate = None
         if shared_intermediate_size:
             self.shared_expert = LlamaMLP(cfg, build, shared_intermediate_size)
@@ -44,9 +51,18 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         out = self.experts(x, weights, ids)
+        shared_bias = None
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+            shared_gate = torch.sigmoid(self.shared_expert_gate(x))
+            mlp = self.shared_expert
+            out = out + shared_gate * mlp.down_proj.partial(mlp.act_fn(mlp.gate_up_proj(x)))
+            if mlp.down_proj.bias is not None:
+                shared_bias = shared_gate * mlp.down_proj.bias
+        if self.tp_size > 1:
+            if self.communicator is None:
+                raise RuntimeError("a sharded MoE layer has no communicator (the loader attaches one)")
+            self.communicator.all_reduce(out)
+        return out if shared_bias is None else out + shared_bias
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):

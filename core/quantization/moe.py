@@ -3,7 +3,9 @@
 A fused MoE layer (`textgen.core.layers.moe.FusedMoE`) holds E experts' gate/up and down
 projections stacked, as transformers 5 does: `gate_up_proj` [E, 2 * I, H] ([gate; up] per
 expert) and `down_proj` [E, H, I]. Its method, chosen by `moe_method_for(quantizer)`:
-1. `create_weights(layer, num_experts, hidden_size, intermediate_size, dtype)` registers them,
+1. `create_weights(layer, num_experts, hidden_size, intermediate_size, dtype)` registers them
+   (`intermediate_size` is this rank's share under tensor parallelism: the layer's `tp_rank` /
+   `tp_size` pick which slice of each expert's intermediate axis the loaders keep),
    each with `weight_loader(param, loaded, shard_id)`: shard id None for a stacked tensor, or
    (expert, part) with part 0 = gate, 1 = up, 2 = down for checkpoints with one tensor per
    expert (Mixtral's `experts.E.w1/w3/w2`, Qwen-MoE's gate/up/down_proj; see
@@ -78,18 +80,44 @@ def _copy_checked(target: torch.Tensor, loaded: torch.Tensor, what: str) -> None
     target.copy_(loaded)
 
 
+def _tp(layer: nn.Module) -> tuple[int, int]:
+    """(rank, size) of the layer's tensor-parallel group; a layer without them is unsharded."""
+    return getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
+
+
+def _rank_part(layer: nn.Module, loaded: torch.Tensor, dim: int) -> torch.Tensor:
+    """This rank's slice of one part along the intermediate axis `dim` (gate/up rows, down
+    columns): column-parallel gate/up, row-parallel down, as the dense MLP shards them."""
+    (rank, tp), size = _tp(layer), layer.intermediate_size
+    if loaded.shape[dim] != size * tp:
+        raise ValueError(f"expert tensor of shape {tuple(loaded.shape)} does not have {size * tp} "
+                         f"entries on axis {dim}")
+    return loaded.narrow(dim, rank * size, size)
+
+
 def stacked_loader(layer: nn.Module, name: str):  # noqa: ANN202 - a weight_loader closure
-    """Loads a whole stacked tensor (shard id None) or one expert's part (expert, part)."""
+    """Loads a whole stacked tensor (shard id None) or one expert's part (expert, part), keeping
+    this rank's slice of the intermediate axis (a `LazySlice` reads only that slice)."""
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        size, full = layer.intermediate_size, layer.intermediate_size * _tp(layer)[1]
         if shard_id is None:
+            if name == "down_proj":
+                loaded = _rank_part(layer, loaded, 2)
+            elif full != size:  # [E, 2I, H]: this rank's gate rows, then its up rows
+                for part in (0, 1):
+                    _copy_checked(param.data.narrow(1, part * size, size),
+                                  _rank_part(layer, loaded.narrow(1, part * full, full), 1), f"stacked {name}")
+                return
             _copy_checked(param.data, loaded, f"stacked {name}")
             return
         expert, part = shard_id  # type: ignore[misc]
         target = param.data[expert]
         if name == "gate_up_proj":
-            size = layer.intermediate_size
             target = target.narrow(0, part * size, size)
+            loaded = _rank_part(layer, loaded, 0)
+        else:
+            loaded = _rank_part(layer, loaded, 1)
         _copy_checked(target, loaded, f"expert {expert} part {part}")
 
     return load

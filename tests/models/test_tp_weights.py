@@ -100,3 +100,62 @@ def test_each_rank_reads_and_holds_exactly_its_slice(tiny_model_factory, arch: s
     if overrides.get("num_key_value_heads") == 1:  # both ranks hold the single kv head
         k = "model.layers.0.self_attn.k_proj.weight"
         assert [w for reads in reads_by_rank for n, w in reads if n == k] == [((0, 16), (0, 64))] * 2
+
+
+def _expected_moe(name: str, ckpt: dict[str, torch.Tensor], rank: int, world: int) -> torch.Tensor:
+    """A stacked expert parameter's slice: every expert's gate and up rows, down columns."""
+    prefix = name.rsplit(".", 1)[0]  # model.layers.N.mlp.experts
+    experts = sorted({int(n[len(prefix) + 1:].split(".")[0]) for n in ckpt if n.startswith(prefix + ".")})
+    one = lambda e, p: ckpt[f"{prefix}.{e}.{p}.weight"]  # noqa: E731
+    if name.endswith("gate_up_proj"):
+        return torch.stack([torch.cat([_rows(one(e, "gate_proj"), rank, world), _rows(one(e, "up_proj"), rank, world)])
+                            for e in experts])
+    return torch.stack([_cols(one(e, "down_proj"), rank, world) for e in experts])
+
+
+def _stack_experts(path: str, out) -> str:  # noqa: ANN001 - a pytest tmp path
+    """The same model with transformers 5's stacked expert tensors instead of one per expert."""
+    import re
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ckpt, stacked, parts = _checkpoint(path), {}, {}
+    for name, tensor in ckpt.items():
+        match = re.match(r"(.*\.experts)\.(\d+)\.(\w+)\.weight$", name)
+        if match is None:
+            stacked[name] = tensor
+        else:
+            parts.setdefault(match.group(1), {}).setdefault(int(match.group(2)), {})[match.group(3)] = tensor
+    for prefix, experts in parts.items():
+        order = sorted(experts)
+        stacked[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in order])
+        stacked[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
+    for file in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{path}/{file}", out / file)
+    save_file(stacked, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return str(out)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-expert", "stacked"])
+def test_each_rank_reads_and_holds_its_expert_slices(tiny_model_factory, tmp_path, stacked: bool) -> None:
+    """Qwen2-MoE: each expert's intermediate axis split (gate/up rows, down columns) whether the
+    checkpoint stores one tensor per expert or the experts stacked; router and shared-expert gate
+    replicated, the shared expert sharded as a dense MLP."""
+    path = tiny_model_factory("qwen2_moe")
+    ckpt = _checkpoint(path)
+    if stacked:
+        path = _stack_experts(path, tmp_path)
+    reads_by_rank = []
+    for rank in (0, 1):
+        model, reads, loaded = _load_rank(path, rank, 2)
+        params = dict(model.named_parameters())
+        assert loaded == set(params), f"not loaded: {set(params) - loaded}"
+        assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 2 * 16, 64)
+        for name, param in params.items():
+            expected = (_expected_moe(name, ckpt, rank, 2) if ".experts." in name
+                        else _expected(name, ckpt, rank, 2, 2))
+            assert torch.equal(param.data, expected), name
+        reads_by_rank.append(reads)
+    _check_reads(reads_by_rank, _checkpoint(path))
