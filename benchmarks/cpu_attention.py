@@ -24,6 +24,8 @@ LAYERS = 14
 
 
 def setup(kernel_cls, batch: int, context: int, dtype: torch.dtype, seed: int = 0):
+    """(one layer's call, a step's worth of calls): the step builds its metadata once, then runs
+    every layer, as the engine does."""
     from textgen.core.attention import AttentionSpec
     from textgen.testing.steps import StepRow, fill_step, kernel_metadata
 
@@ -40,9 +42,16 @@ def setup(kernel_cls, batch: int, context: int, dtype: torch.dtype, seed: int = 
     v = torch.randn(batch, kv_heads, d, generator=gen).to(dtype)
     kernel = kernel_cls(spec)
     step = fill_step(rows, bs)
-    return lambda: kernel.forward(q, k, v, cache, kernel_metadata(kernel_cls, [spec], step)), \
-        lambda: [kernel.forward(q, k, v, cache, meta) for meta in [kernel_metadata(kernel_cls, [spec], step)]
-                 for _ in range(LAYERS)]
+
+    def one_layer() -> torch.Tensor:
+        return kernel.forward(q, k, v, cache, kernel_metadata(kernel_cls, [spec], step))
+
+    def one_step() -> None:
+        meta = kernel_metadata(kernel_cls, [spec], step)
+        for _ in range(LAYERS):
+            kernel.forward(q, k, v, cache, meta)
+
+    return one_layer, one_step
 
 
 def main() -> None:
