@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from textgen.core.config import EngineConfig
     from textgen.core.distributed import Communicator
     from textgen.core.graphs import GraphRunner
+
+
+# F.linear's contract: (x [..., K], weight [N, K], bias [N] or None) -> [..., N]
+DenseLinear = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor | None"], "torch.Tensor"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,12 @@ class Backend(ABC):
     def graph_runner(self, config: EngineConfig) -> GraphRunner | None:
         """The object that captures or compiles decode steps for `config.graph_batch_sizes`; None
         keeps every step eager."""
+        return None
+
+    def dense_linear(self, dtype: torch.dtype) -> DenseLinear | None:
+        """The GEMM for unquantized linear layers and the LM head of a model in `dtype` (the loader
+        attaches it to each layer; F.linear's contract); None keeps F.linear. A quantized layer uses
+        its method's kernels instead."""
         return None
 
     def inference_mode(self) -> AbstractContextManager[object]:

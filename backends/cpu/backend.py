@@ -10,6 +10,7 @@ from textgen.backends.cpu.host_memory import keep_freed_memory
 from textgen.core.backend import Backend, BackendCandidate, MemoryInfo, MemoryProfile
 
 if TYPE_CHECKING:
+    from textgen.core.backend import DenseLinear
     from textgen.core.config import EngineConfig
     from textgen.core.graphs import GraphRunner
 
@@ -106,6 +107,13 @@ class CPUBackend(Backend):
         from textgen.backends.cpu.graphs import CPUCompiledDecode
 
         return CPUCompiledDecode()
+
+    def dense_linear(self, dtype: torch.dtype) -> DenseLinear | None:
+        """textgen's small-M kernel (backends/cpu/gemv.py) where this CPU vectorizes `dtype` and it
+        builds; oneDNN (F.linear) above its row limit. TEXTGEN_CPU_GEMV=0 keeps F.linear."""
+        from textgen.backends.cpu import gemv
+
+        return gemv.dense_linear if dtype in gemv.native_dtypes() else None
 
     def describe(self) -> str:
         threads = torch.get_num_threads()

@@ -21,15 +21,13 @@ portable kernel serves.
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
 
+from textgen.backends.cpu import cpp_build
 from textgen.core.attention import AttentionSpec
 from textgen.core.forward_context import StepTensors
 from textgen.core.layers.paged_attention import (
@@ -37,35 +35,18 @@ from textgen.core.layers.paged_attention import (
     _takes_fast_prefill, write_kv,
 )
 
-log = logging.getLogger("textgen.cpu")
-
 # New tokens per request up to which the C++ kernel computes them. It attends token by token, so
 # the keys a request's chunk shares are read once per token; SDPA's groups share them. Measured
 # (1 thread, bf16, 4 requests, 12/4 heads of 64): per-token wins at 1-2 new tokens (0.26 vs 0.66 ms
 # at 256 context), is even at 4, and loses from 8 (6.3 vs 4.6 ms at 1,024 context).
 MAX_KERNEL_QUERY = 4
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache
 def build_problem() -> str | None:
     """None once the op is loaded (built if needed); else why it cannot be."""
-    if os.environ.get("TEXTGEN_CPU_FUSED_ATTENTION", "1") == "0":
-        return "disabled by TEXTGEN_CPU_FUSED_ATTENTION=0"
-    try:
-        from torch.utils import cpp_extension
-
-        log.info("loading the CPU paged-attention kernel (compiled once per machine into %s)",
-                 cpp_extension._get_build_directory("textgen_cpu_attention", verbose=False))
-        cpp_extension.load(
-            name="textgen_cpu_attention", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:  # no compiler, no ninja, a failed build: the portable kernel serves
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"its C++ kernel could not be built ({type(exc).__name__}: {first})"
-    return None
+    return cpp_build.build_problem("textgen_cpu_attention", "paged_attention.cpp", "TEXTGEN_CPU_FUSED_ATTENTION")
 
 
 @dataclass(slots=True)

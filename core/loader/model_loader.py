@@ -18,7 +18,7 @@ from textgen.core.models.registry import model_path_name, resolve_model_class
 from textgen.core.quantization import QuantizerRegistry, select_quantizer
 
 if TYPE_CHECKING:
-    from textgen.core.backend import Backend
+    from textgen.core.backend import Backend, DenseLinear
     from textgen.core.config import EngineConfig
     from textgen.core.distributed import Communicator
     from textgen.core.model import Model
@@ -85,6 +85,7 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
 
         quantize_vocab_int8(model, quantizer.kernels)
     _attach_communicator(model, communicator)
+    _attach_dense_linear(model, backend.dense_linear(dtype))
     described = quantizer.describe() if quantizer is not None else "none"
     if gguf is not None:
         described = gguf.describe(dtype, described)
@@ -100,6 +101,16 @@ def _attach_communicator(model: torch.nn.Module, communicator: Communicator) -> 
     for module in model.modules():
         if hasattr(module, "communicator"):
             module.communicator = communicator
+
+
+def _attach_dense_linear(model: torch.nn.Module, gemm: DenseLinear | None) -> None:
+    """Unquantized linear layers and LM heads (those declaring `dense_gemm`) multiply through the
+    backend's GEMM; quantized ones keep their method's kernels."""
+    if gemm is None:
+        return
+    for module in model.modules():
+        if hasattr(module, "dense_gemm") and getattr(module, "quantizer", None) is None:
+            module.dense_gemm = gemm
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

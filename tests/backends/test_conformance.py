@@ -30,10 +30,14 @@ def test_cpu_backend_passes(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.usefixtures("plugin_distributions")
 def test_third_party_acme_backend_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from textgen_acme.backend import DENSE_CALLS
+
     monkeypatch.setenv("TEXTGEN_ACME_AVAILABLE", "1")
+    before = DENSE_CALLS[0]
     report = run_conformance("acme")
     assert report.passed, report.render()
     assert report.kernel == "torch_paged" and len(report.results) == 8
+    assert DENSE_CALLS[0] > before  # the model's linears ran on the backend's own GEMM (Backend.dense_linear)
 
 
 class ForgetfulAttention(TorchPagedAttention):
