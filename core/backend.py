@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -20,8 +20,23 @@ if TYPE_CHECKING:
     from textgen.core.graphs import GraphRunner
 
 
-# F.linear's contract: (x [..., K], weight [N, K], bias [N] or None) -> [..., N]
-DenseLinear = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor | None"], "torch.Tensor"]
+class DenseLinearKernel(ABC):
+    """A backend's GEMM for unquantized linear layers and LM heads (`Backend.dense_linear`).
+
+    After loading, the loader calls `prepare(layer, shared)` once per layer, then the layer calls
+    `apply(layer, x, bias)` every forward instead of F.linear (same contract: x [..., K], weight
+    [N, K], bias [N] or None -> [..., N]). `prepare` may replace `layer.weight` by the kernel's own
+    layout (keeping its `.shape`) unless `shared`: then other modules read the same tensor (an LM
+    head tied to the embedding) and it must stay as it is."""
+
+    name: ClassVar[str]
+
+    def prepare(self, layer: torch.nn.Module, shared: bool) -> None:
+        """Repack the layer's weight for `apply` (default: keep it)."""
+
+    @abstractmethod
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ layer.weight.T + bias."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +165,9 @@ class Backend(ABC):
         keeps every step eager."""
         return None
 
-    def dense_linear(self, dtype: torch.dtype) -> DenseLinear | None:
-        """The GEMM for unquantized linear layers and the LM head of a model in `dtype` (the loader
-        attaches it to each layer; F.linear's contract); None keeps F.linear. A quantized layer uses
-        its method's kernels instead."""
+    def dense_linear(self, dtype: torch.dtype) -> DenseLinearKernel | None:
+        """The GEMM for unquantized linear layers and LM heads of a model in `dtype` (see
+        `DenseLinearKernel`); None keeps F.linear. A quantized layer uses its method's kernels."""
         return None
 
     def inference_mode(self) -> AbstractContextManager[object]:

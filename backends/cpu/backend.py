@@ -10,7 +10,7 @@ from textgen.backends.cpu.host_memory import keep_freed_memory
 from textgen.core.backend import Backend, BackendCandidate, MemoryInfo, MemoryProfile
 
 if TYPE_CHECKING:
-    from textgen.core.backend import DenseLinear
+    from textgen.core.backend import DenseLinearKernel
     from textgen.core.config import EngineConfig
     from textgen.core.graphs import GraphRunner
 
@@ -108,12 +108,14 @@ class CPUBackend(Backend):
 
         return CPUCompiledDecode()
 
-    def dense_linear(self, dtype: torch.dtype) -> DenseLinear | None:
-        """textgen's small-M kernel (backends/cpu/gemv.py) where this CPU vectorizes `dtype` and it
-        builds; oneDNN (F.linear) above its row limit. TEXTGEN_CPU_GEMV=0 keeps F.linear."""
-        from textgen.backends.cpu import gemv
+    def dense_linear(self, dtype: torch.dtype) -> DenseLinearKernel | None:
+        """oneDNN on weights prepacked once (backends/cpu/dense_linear.py), except in graph mode
+        (inductor packs its compiled graphs itself) or where packing cannot run."""
+        from textgen.backends.cpu.dense_linear import OneDNNPackedLinear, packing_problem
 
-        return gemv.dense_linear if dtype in gemv.native_dtypes() else None
+        if self.config is not None and self.config.graph_batch_sizes:
+            return None
+        return None if packing_problem(dtype) else OneDNNPackedLinear()
 
     def describe(self) -> str:
         threads = torch.get_num_threads()

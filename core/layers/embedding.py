@@ -17,7 +17,7 @@ from torch import nn
 from textgen.core.layers.norm import default_weight_loader
 
 if TYPE_CHECKING:
-    from textgen.core.backend import DenseLinear
+    from textgen.core.backend import DenseLinearKernel
     from textgen.core.distributed import Communicator
     from textgen.core.quantization.base import WeightKernels
 
@@ -72,12 +72,13 @@ class LMHead(nn.Module):
 
     kernels: WeightKernels | None = None
     communicator: Communicator | None = None  # attached by the loader
-    dense_gemm: DenseLinear | None = None  # the backend's GEMM for the unquantized head, attached by the loader
+    dense_kernel: DenseLinearKernel | None = None  # the backend's GEMM for an unquantized head (the loader)
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype,
                  tied_to: VocabEmbedding | None = None, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.tied = tied_to is not None
         if tied_to is not None:
             self.tp_size = tied_to.tp_size
             self.weight = tied_to.weight
@@ -89,8 +90,8 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:  # int8 rows of this rank's vocabulary slice
             logits = self.kernels.apply(self, hidden, None).float()
-        elif self.dense_gemm is not None:
-            logits = self.dense_gemm(hidden, self.weight, None).float()
+        elif self.dense_kernel is not None:
+            logits = self.dense_kernel.apply(self, hidden, None).float()
         else:
             logits = F.linear(hidden, self.weight).float()
         if self.tp_size == 1:

@@ -23,16 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from textgen.core.backend import DenseLinear
+    from textgen.core.backend import DenseLinearKernel
     from textgen.core.distributed import Communicator
     from textgen.core.quantization import Quantizer
 
 
 class LinearBase(nn.Module):
     """y = x @ W.T + b, with W [out_features, in_features] on this rank. Unquantized, through the
-    backend's `dense_linear` when it has one (the loader sets `dense_gemm`), else F.linear."""
+    backend's `dense_linear` kernel when it has one (the loader sets `dense_kernel`), else F.linear."""
 
-    dense_gemm: DenseLinear | None = None
+    dense_kernel: DenseLinearKernel | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  quantizer: Quantizer | None = None, tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -62,8 +62,8 @@ class LinearBase(nn.Module):
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quantizer is not None:
             return self.quantizer.apply(self, x, bias)
-        if self.dense_gemm is not None:
-            return self.dense_gemm(x, self.weight, bias)
+        if self.dense_kernel is not None:
+            return self.dense_kernel.apply(self, x, bias)
         return F.linear(x, self.weight, bias)
 
     def process_after_loading(self) -> None:

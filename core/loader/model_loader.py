@@ -18,7 +18,7 @@ from textgen.core.models.registry import model_path_name, resolve_model_class
 from textgen.core.quantization import QuantizerRegistry, select_quantizer
 
 if TYPE_CHECKING:
-    from textgen.core.backend import Backend, DenseLinear
+    from textgen.core.backend import Backend, DenseLinearKernel
     from textgen.core.config import EngineConfig
     from textgen.core.distributed import Communicator
     from textgen.core.model import Model
@@ -85,12 +85,13 @@ def load_model(config: EngineConfig, backend: Backend, extra_architectures: dict
 
         quantize_vocab_int8(model, quantizer.kernels)
     _attach_communicator(model, communicator)
+    weights = weight_bytes(model)  # before a backend kernel's repacking (its layout may pad)
     _attach_dense_linear(model, backend.dense_linear(dtype))
     described = quantizer.describe() if quantizer is not None else "none"
     if gguf is not None:
         described = gguf.describe(dtype, described)
     method = (config.quantize or quantizer.name) if quantizer is not None else None
-    return LoadedModel(model.eval(), hf_config, dtype, path, described, method, weight_bytes(model),
+    return LoadedModel(model.eval(), hf_config, dtype, path, described, method, weights,
                        model_path_name(model_cls), build.tp_rank, build.tp_size)
 
 
@@ -103,14 +104,19 @@ def _attach_communicator(model: torch.nn.Module, communicator: Communicator) -> 
             module.communicator = communicator
 
 
-def _attach_dense_linear(model: torch.nn.Module, gemm: DenseLinear | None) -> None:
-    """Unquantized linear layers and LM heads (those declaring `dense_gemm`) multiply through the
-    backend's GEMM; quantized ones keep their method's kernels."""
-    if gemm is None:
+def _attach_dense_linear(model: torch.nn.Module, kernel: DenseLinearKernel | None) -> None:
+    """Unquantized linear layers and LM heads (the modules declaring `dense_kernel`) multiply
+    through the backend's kernel, which may repack their weights; quantized ones (a quantizer, or
+    an int8 head's `kernels`) keep their method's. A head tied to the embedding shares its weight."""
+    if kernel is None:
         return
     for module in model.modules():
-        if hasattr(module, "dense_gemm") and getattr(module, "quantizer", None) is None:
-            module.dense_gemm = gemm
+        if not hasattr(module, "dense_kernel") or getattr(module, "quantizer", None) is not None:
+            continue
+        if getattr(module, "kernels", None) is not None or "weight" not in module._parameters:
+            continue
+        module.dense_kernel = kernel
+        kernel.prepare(module, shared=getattr(module, "tied", False))
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
