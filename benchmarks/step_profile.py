@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_random_llama, machine  # noqa: E402
 
 GROUPS = (
-    ("linear (weights GEMM/GEMV)", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::_weight_int")),
+    ("linear (weights GEMM/GEMV)", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::_weight_int",
+                                    "mkldnn::_linear_pointwise")),
     ("attention kernel", ("textgen_cpu::", "aten::scaled_dot_product", "aten::_scaled_dot", "aten::_flash")),
 )
 

@@ -13,7 +13,8 @@ every call runs `mkldnn._linear_pointwise` on it: the same oneDNN inner product,
 per-call reorder. bf16 results are bit-identical to F.linear; float32 ones differ in summation
 order only.
 
-The packed weight replaces the plain one (same `.shape`, no second copy). Not packed: a weight
+The packed weight replaces the plain one as the layer's `weight` parameter (same `.shape` and
+name, no second copy; its values read back through `.to_dense()`). Not packed: a weight
 another module shares (an LM head tied to the embedding, which looks rows up in it), dtypes other
 than float32/bfloat16, bfloat16 on a CPU oneDNN has no bf16 path for, CPU graph mode (dynamo does
 not trace oneDNN's opaque tensors; inductor packs compiled graphs itself), and
@@ -57,8 +58,7 @@ class OneDNNPackedLinear(DenseLinearKernel):
         if shared or weight.dim() != 2 or packing_problem(weight.dtype) is not None:
             return
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS_HINT)
-        del layer._parameters["weight"]
-        layer.register_buffer("weight", packed, persistent=False)
+        layer.weight = nn.Parameter(packed, requires_grad=False)  # still a parameter: counts, names, bytes
         layer.onednn_packed = True
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -37,6 +37,7 @@ def test_prepacked_matches_f_linear(dtype: torch.dtype, rows: int) -> None:
         x = torch.randn(2, rows, k, generator=gen).to(dtype)[:, :, :]  # leading axes, as models pass them
         layer = _packed_layer(weight)
         assert layer.weight.layout == torch._mkldnn and tuple(layer.weight.shape) == (n, k)
+        assert isinstance(layer.weight, nn.Parameter) and torch.equal(layer.weight.to_dense(), weight)
         for b in (None, bias):
             got, want = OneDNNPackedLinear().apply(layer, x, b), F.linear(x, weight, b)
             assert got.shape == want.shape and got.dtype == dtype
@@ -82,12 +83,12 @@ def test_loader_packs_unquantized_layers_only(tiny_model_factory) -> None:
     from textgen.core.layers.linear import LinearBase
 
     untied = tiny_model_factory("llama", tie_word_embeddings=False)
-    linears = [m for m in load_quantized(untied).model.modules() if isinstance(m, (LinearBase, LMHead))]
+    linears = [m for m in load_quantized(untied, prepack=True).model.modules() if isinstance(m, (LinearBase, LMHead))]
     assert linears and all(getattr(m, "onednn_packed", False) for m in linears)
     tied = tiny_model_factory("llama", tie_word_embeddings=True)
-    head = next(m for m in load_quantized(tied).model.modules() if isinstance(m, LMHead))
+    head = next(m for m in load_quantized(tied, prepack=True).model.modules() if isinstance(m, LMHead))
     assert head.tied and not getattr(head, "onednn_packed", False)  # the embedding looks rows up in it
-    int8 = [m for m in load_quantized(untied, "int8").model.modules() if isinstance(m, LinearBase)]
+    int8 = [m for m in load_quantized(untied, "int8", prepack=True).model.modules() if isinstance(m, LinearBase)]
     assert int8 and not any(getattr(m, "onednn_packed", False) or m.dense_kernel for m in int8)
 
 

@@ -31,6 +31,12 @@ def config_only(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(folder)
 
 
+@pytest.fixture(autouse=True)
+def plain_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests read weight values; the CPU's prepacked oneDNN layout is opaque."""
+    monkeypatch.setenv("TEXTGEN_CPU_ONEDNN_PACK", "0")
+
+
 def _load(path: str, seed: int = 0, dtype: str = "float32"):
     return load_model(EngineConfig(model_id=path, load_format="dummy", seed=seed, dtype=dtype), _cpu_backend())
 

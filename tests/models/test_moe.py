@@ -62,9 +62,11 @@ def test_single_token_and_unused_experts() -> None:
     torch.testing.assert_close(moe(x, weights, ids), _reference(moe, x, logits, True), atol=1e-4, rtol=1e-5)
 
 
-def test_stacked_and_per_expert_checkpoints_load_the_same(tiny_model_factory) -> None:
+def test_stacked_and_per_expert_checkpoints_load_the_same(tiny_model_factory, monkeypatch) -> None:
     """Published Mixtral checkpoints store experts.E.w1/w3/w2 (what save_pretrained writes, the
-    files the parity test loads); transformers 5 holds them stacked. Both fill the same tensors."""
+    files the parity test loads); transformers 5 holds them stacked. Both fill the same tensors
+    (kept plain: the test refills and compares them; the CPU's prepacked layout is opaque)."""
+    monkeypatch.setenv("TEXTGEN_CPU_ONEDNN_PACK", "0")
     path = tiny_model_factory("mixtral")
     from_files = load_model(EngineConfig(model_id=path, dtype="float32"), cpu_backend()).model
     stacked = {k: v for k, v in hf_model(path).state_dict().items()}

@@ -1,6 +1,9 @@
 """Loading a model through the CPU backend's quantizer registry, as the engine does."""
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import torch
 
 from textgen.core.config import EngineConfig
@@ -15,9 +18,13 @@ def cpu_quantizers() -> list:
     return textgen_quantizers(backend=cpu_backend())
 
 
-def load_quantized(path: str, quantize: str | None = None, dtype: str = "float32") -> LoadedModel:
+def load_quantized(path: str, quantize: str | None = None, dtype: str = "float32", prepack: bool = False
+                   ) -> LoadedModel:
+    """`prepack=False` keeps unquantized weights plain (the tests read and copy their values;
+    the CPU's prepacked oneDNN layout is opaque)."""
     config = EngineConfig(model_id=path, dtype=dtype, quantize=quantize, block_size=16)
-    loaded = load_model(config, cpu_backend(), quantizers=cpu_quantizers())
+    with mock.patch.dict(os.environ, {"TEXTGEN_CPU_ONEDNN_PACK": "1" if prepack else "0"}):
+        loaded = load_model(config, cpu_backend(), quantizers=cpu_quantizers())
     bind_attention(loaded.model, [CPU_KERNEL], config)
     return loaded
 
