@@ -100,15 +100,13 @@ def _check_spec_flags(config: EngineConfig) -> None:
 
 
 def _find_medusa(config: EngineConfig) -> Any:
-    """The Medusa repo --model-id names (then --speculate defaults to its head count), else None."""
-    from textgen.core.spec_decode.medusa import MedusaError, apply_medusa_speculate, find_medusa_repo
+    """The Medusa repo --model-id names (then --speculate defaults to its head count), else None.
+    A broken repo raises MedusaError: a load error, like a broken checkpoint's."""
+    from textgen.core.spec_decode.medusa import apply_medusa_speculate, find_medusa_repo
 
-    try:
-        repo = find_medusa_repo(config)
-        if repo is not None:
-            apply_medusa_speculate(config, repo)
-    except MedusaError as exc:
-        raise ConfigError(str(exc)) from None
+    repo = find_medusa_repo(config)
+    if repo is not None:
+        apply_medusa_speculate(config, repo)
     return repo
 
 
@@ -120,10 +118,13 @@ def _load_speculator(config: EngineConfig, make_runner: Any, runner: ModelRunner
     if runner.loaded.tp_size > 1:  # drafts and acceptances do not cross ranks in the step diffs yet
         raise ConfigError("--speculate is not supported with --num-shard > 1 yet")
     from textgen.core.spec_decode import load_speculator
+    from textgen.core.spec_decode.medusa import MedusaError
 
     try:
         return load_speculator(config, make_runner, runner, medusa)
-    except ValueError as exc:  # MedusaError too
+    except MedusaError:
+        raise
+    except ValueError as exc:  # a draft model that does not fit the target
         raise ConfigError(str(exc)) from None
 
 

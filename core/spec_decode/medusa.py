@@ -36,7 +36,8 @@ PICKLE_HEADS_FILE = "medusa_lm_head.pt"
 
 
 class MedusaError(ValueError):
-    """A Medusa repo that cannot be served; the message says what to change."""
+    """A Medusa repo whose files cannot be served (a load error, as a broken checkpoint's); the
+    message says what to change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +77,13 @@ def find_medusa_repo(config: EngineConfig) -> MedusaRepo | None:
 
 def apply_medusa_speculate(config: EngineConfig, repo: MedusaRepo) -> None:
     """TGI's rule: --speculate defaults to medusa_num_heads (0, the unset value, counts as unset)
-    and may not exceed it."""
+    and may not exceed it. ConfigError (a usage error) otherwise."""
+    from textgen.core.engine.sizing import ConfigError
+
     if config.speculative_model:
-        raise MedusaError(f"{config.model_id} is a Medusa model: it drafts with its own heads, drop --speculative-model")
+        raise ConfigError(f"{config.model_id} is a Medusa model: it drafts with its own heads, drop --speculative-model")
     if config.speculate > repo.num_heads:
-        raise MedusaError(f"Speculate is set to `{config.speculate}` but this medusa models only has "
+        raise ConfigError(f"Speculate is set to `{config.speculate}` but this medusa models only has "
                           f"`{repo.num_heads}` heads, please make them match")
     if config.speculate == 0:
         config.speculate = repo.num_heads

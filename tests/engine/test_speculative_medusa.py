@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from textgen.core import LLM
 from textgen.core.engine.sizing import ConfigError
 from textgen.core.engine.types import EngineRequest
+from textgen.core.spec_decode.medusa import MedusaError
 
 from tests.engine.test_speculative import MAX_NEW, PROMPTS, accepted_counter, run_events
 from textgen.core.sampling_params import SamplingParams
@@ -181,14 +182,15 @@ def _broken(repo: Path, name: str) -> None:
     save_file(tensors, str(repo / "medusa_lm_head.safetensors"))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "lacks 1 tensors the 3 heads x 1 blocks need (e.g. 1.0.linear.bias)"),
-    ("shape", "0.1.weight (1000, 32) (expected (1000, 64))"),
-    ("pickle", "has only medusa_lm_head.pt"),
-    ("speculate", "Speculate is set to `5` but this medusa models only has `3` heads"),
-    ("draft", "drop --speculative-model"),
+@pytest.mark.parametrize("case, error, message", [
+    ("missing", MedusaError, "lacks 1 tensors the 3 heads x 1 blocks need (e.g. 1.0.linear.bias)"),
+    ("shape", MedusaError, "0.1.weight (1000, 32) (expected (1000, 64))"),
+    ("pickle", MedusaError, "has only medusa_lm_head.pt"),
+    ("config", MedusaError, "has medusa_num_heads but no valid medusa_num_layers and base_model_name_or_path"),
+    ("speculate", ConfigError, "Speculate is set to `5` but this medusa models only has `3` heads"),
+    ("draft", ConfigError, "drop --speculative-model"),
 ])
-def test_broken_repos_fail_at_startup_with_one_line(case, message, tiny_llama, tmp_path):
+def test_broken_repos_fail_at_startup_with_one_line(case, error, message, tiny_llama, tmp_path):
     repo = make_medusa_repo(tmp_path / case, tiny_llama)
     kw: dict = {}
     if case == "pickle":
@@ -197,8 +199,10 @@ def test_broken_repos_fail_at_startup_with_one_line(case, message, tiny_llama, t
         kw = {"speculate": 5}
     elif case == "draft":
         kw = {"speculate": 2, "speculative_model": tiny_llama}
+    elif case == "config":
+        (repo / "config.json").write_text(json.dumps({"medusa_num_heads": 3, "medusa_num_layers": 1}))
     else:
         _broken(repo, case)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(error) as info:
         medusa_llm(repo, **kw)
     assert message in str(info.value) and "\n" not in str(info.value)
