@@ -4,9 +4,10 @@ warm-up, scheduler."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textgen.core.attention import StepLimits
 from textgen.core.config import EngineConfig
@@ -19,6 +20,10 @@ from textgen.core.graphs import DecodeGraphs, decode_graphs
 from textgen.core.kv_cache.manager import releasable_window
 from textgen.core.seq2seq.setup import build_seq2seq_parts, seq2seq_config
 from textgen.core.spec_decode.medusa import load_base_runner
+
+if TYPE_CHECKING:
+    from textgen.core.spec_decode import LoadedSpeculator, SpecDecoder
+    from textgen.core.spec_decode.medusa import MedusaRepo
 
 log = logging.getLogger("textgen.engine")
 
@@ -99,7 +104,7 @@ def _check_spec_flags(config: EngineConfig) -> None:
         raise ConfigError("--speculative-model needs --speculate N (draft tokens per step), e.g. --speculate 4")
 
 
-def _find_medusa(config: EngineConfig) -> Any:
+def _find_medusa(config: EngineConfig) -> MedusaRepo | None:
     """The Medusa repo --model-id names (then --speculate defaults to its head count), else None.
     A broken repo raises MedusaError: a load error, like a broken checkpoint's."""
     from textgen.core.spec_decode.medusa import apply_medusa_speculate, find_medusa_repo
@@ -110,7 +115,8 @@ def _find_medusa(config: EngineConfig) -> Any:
     return repo
 
 
-def _load_speculator(config: EngineConfig, make_runner: Any, runner: ModelRunner, medusa: Any) -> Any:
+def _load_speculator(config: EngineConfig, make_runner: Callable[[EngineConfig], ModelRunner], runner: ModelRunner,
+                     medusa: MedusaRepo | None) -> LoadedSpeculator | None:
     """None unless --speculate > 0; else what the proposer loads before the KV cache is sized (a
     draft model's weights, Medusa heads), so that the plan leaves room for them."""
     if not config.speculate:
@@ -128,7 +134,8 @@ def _load_speculator(config: EngineConfig, make_runner: Any, runner: ModelRunner
         raise ConfigError(str(exc)) from None
 
 
-def _build_spec_decoder(config: EngineConfig, speculator: Any, num_blocks: int, eos: frozenset[int]) -> Any:
+def _build_spec_decoder(config: EngineConfig, speculator: LoadedSpeculator | None, num_blocks: int,
+                        eos: frozenset[int]) -> SpecDecoder | None:
     """None unless --speculate > 0; a draft model gets as many KV blocks as the target (the plan
     paid for both) and the same step limits."""
     if speculator is None:

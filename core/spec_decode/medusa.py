@@ -130,19 +130,37 @@ def load_medusa_heads(repo: MedusaRepo, num_heads: int, hidden_size: int, vocab_
                       dtype: torch.dtype, device: torch.device) -> MedusaHeads:
     """The first `num_heads` heads of the repo's safetensors file. MedusaError (one line) on a
     missing file, missing tensors or shapes that do not fit the base model."""
+    tensors = _read_heads(repo, num_heads, hidden_size, vocab_size)
+    L = repo.num_layers
+    weight = torch.empty((num_heads, L, hidden_size, hidden_size))
+    bias = torch.empty((num_heads, L, hidden_size))
+    for i in range(num_heads):
+        for j in range(L):
+            weight[i, j], bias[i, j] = tensors[f"{i}.{j}.linear.weight"], tensors[f"{i}.{j}.linear.bias"]
+    projections = [tensors[f"{i}.{L}.weight"] for i in range(num_heads) if f"{i}.{L}.weight" in tensors]
+    return MedusaHeads(weight, bias, torch.stack(projections) if projections else None).to(device=device, dtype=dtype)
+
+
+def _heads_file(repo: MedusaRepo) -> Path:
+    file = repo.path / HEADS_FILE
+    if file.is_file():
+        return file
+    if (repo.path / PICKLE_HEADS_FILE).is_file():
+        raise MedusaError(f"{repo.path} has only {PICKLE_HEADS_FILE} (a pickle, which runs arbitrary code when "
+                          f"loaded): convert it to {HEADS_FILE} with safetensors.torch.save_file")
+    raise MedusaError(f"{repo.path} is a Medusa repo (config.json has medusa_num_heads) but has no {HEADS_FILE}")
+
+
+def _read_heads(repo: MedusaRepo, num_heads: int, hidden_size: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The tensors the heads need, by name, checked for presence and shape. The projections
+    `{i}.{L}.weight` are needed when any head has one (else all share the base LM head)."""
     from safetensors import safe_open
 
-    file = repo.path / HEADS_FILE
-    if not file.is_file():
-        if (repo.path / PICKLE_HEADS_FILE).is_file():
-            raise MedusaError(f"{repo.path} has only {PICKLE_HEADS_FILE} (a pickle, which runs arbitrary code when "
-                              f"loaded): convert it to {HEADS_FILE} with safetensors.torch.save_file")
-        raise MedusaError(f"{repo.path} is a Medusa repo (config.json has medusa_num_heads) but has no {HEADS_FILE}")
+    file, L = _heads_file(repo), repo.num_layers
+    wanted = {f"{i}.{j}.linear.{p}": (hidden_size, hidden_size) if p == "weight" else (hidden_size,)
+              for i in range(num_heads) for j in range(L) for p in ("weight", "bias")}
     with safe_open(str(file), framework="pt") as f:
         names = set(f.keys())
-        L = repo.num_layers
-        wanted = {f"{i}.{j}.linear.{p}": (hidden_size, hidden_size) if p == "weight" else (hidden_size,)
-                  for i in range(num_heads) for j in range(L) for p in ("weight", "bias")}
         projections = [f"{i}.{L}.weight" for i in range(num_heads)]
         if any(p in names for p in projections):
             wanted.update({p: (vocab_size, hidden_size) for p in projections})
@@ -155,13 +173,7 @@ def load_medusa_heads(repo: MedusaRepo, num_heads: int, hidden_size: int, vocab_
     if bad:
         raise MedusaError(f"{file} does not fit the base model (hidden size {hidden_size}, vocabulary "
                           f"{vocab_size}): {'; '.join(bad[:3])}")
-    weight = torch.empty((num_heads, L, hidden_size, hidden_size))
-    bias = torch.empty((num_heads, L, hidden_size))
-    for i in range(num_heads):
-        for j in range(L):
-            weight[i, j], bias[i, j] = tensors[f"{i}.{j}.linear.weight"], tensors[f"{i}.{j}.linear.bias"]
-    projection = torch.stack([tensors[p] for p in projections]) if projections[0] in tensors else None
-    return MedusaHeads(weight, bias, projection).to(device=device, dtype=dtype)
+    return tensors
 
 
 class MedusaProposer:
