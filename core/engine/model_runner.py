@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from textgen.core.config import EngineConfig
     from textgen.core.graphs import DecodeGraphs
     from textgen.core.scheduler import ScheduledRequest, SchedulerOutput
+    from textgen.core.spec_decode.medusa import MedusaProposer
+
+
 @dataclass(slots=True)
 class SampledToken:
     token_id: int
@@ -72,6 +75,7 @@ class ModelRunner:
         self._builder: AttentionMetadataBuilder | None = None
         self.graphs: DecodeGraphs | None = None
         self.static_sampler: StaticSampler | None = None  # when the graph rule asks for static shapes
+        self.medusa: MedusaProposer | None = None  # Medusa heads: fed each step's sampled hidden rows
 
     @property
     def vocab_size(self) -> int:
@@ -155,6 +159,8 @@ class ModelRunner:
             starts = query_lens.cumsum() - query_lens
             prompt_lp = self._prompt_logprobs(out, hidden, starts, prompt_logprob_ids)
             sampled = self._sample(out, hidden, starts, rows, allowed_mask)
+            if self.medusa is not None:
+                self.medusa.observe(out, hidden, starts, sampled)
         return StepResult(sampled, prompt_lp)
 
     def _forward_with_lora(self, out: SchedulerOutput, keep_padding: bool) -> torch.Tensor:

@@ -4,9 +4,10 @@ warm-up, scheduler."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textgen.core.attention import StepLimits
 from textgen.core.config import EngineConfig
@@ -18,6 +19,11 @@ from textgen.core.engine.topology import agree_on_kv_blocks, collective_timeout_
 from textgen.core.graphs import DecodeGraphs, decode_graphs
 from textgen.core.kv_cache.manager import releasable_window
 from textgen.core.seq2seq.setup import build_seq2seq_parts, seq2seq_config
+from textgen.core.spec_decode.medusa import load_base_runner
+
+if TYPE_CHECKING:
+    from textgen.core.spec_decode import LoadedSpeculator, SpecDecoder
+    from textgen.core.spec_decode.medusa import MedusaRepo
 
 log = logging.getLogger("textgen.engine")
 
@@ -56,7 +62,13 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     for extra in pm.hook.textgen_model_architectures():
         architectures.update(extra or {})
     quantizers = _flatten(pm.hook.textgen_quantizers(backend=backend))
-    runner = ModelRunner(config, backend, attention_infos, architectures, quantizers)
+
+    def make_runner(cfg: EngineConfig) -> ModelRunner:
+        return ModelRunner(cfg, backend, attention_infos, architectures, quantizers)
+
+    _check_spec_flags(config)
+    medusa = _find_medusa(config)
+    runner = make_runner(config) if medusa is None else load_base_runner(config, medusa, make_runner)
     tokenizer = load_tokenizer(config, runner.model_path)
     max_length = model_max_length(runner.hf_config, tokenizer)
     lines = [f"backend {backend.describe()}; dtype {runner.dtype}; {runner.loaded.describe_weights()}",
@@ -65,7 +77,9 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
         lines.append(runner.lora.describe())
     profile = profile_memory(config, backend, runner, max_length)
     lines.append(describe_profile(profile))
-    plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile)
+    speculator = _load_speculator(config, make_runner, runner, medusa)
+    plan = plan_kv_cache(config, backend, runner.attention_specs(), max_length, profile,
+                         speculator.memory() if speculator is not None else None)
     plan = agree_on_kv_blocks(plan, backend.communicator(), backend.device)
     runner.allocate_kv_cache(plan.num_blocks)
     lines += derive_budgets(config, plan, max_length)
@@ -77,32 +91,58 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     scheduler = _build_scheduler(config, plan.num_blocks, releasable_window(runner.attention_specs()))
     executor = make_executor(runner, runner.loaded.tp_size, collective_timeout_s())
     eos = eos_ids(runner.hf_config, tokenizer, runner.model_path)
-    spec = _build_spec_decoder(config, lambda cfg: ModelRunner(cfg, backend, attention_infos, architectures, quantizers),
-                               runner, plan.num_blocks, eos)
+    spec = _build_spec_decoder(config, speculator, plan.num_blocks, eos)
     if spec is not None:
         lines.append(spec.describe())
     return EngineParts(backend, runner, tokenizer, scheduler, eos, lines, executor, spec)
 
 
-def _build_spec_decoder(config: EngineConfig, make_runner: Any, runner: ModelRunner, num_blocks: int,
-                        eos: frozenset[int]) -> Any:
-    """None unless --speculate > 0; a draft model (--speculative-model) gets as many KV blocks as
-    the target and the same step limits."""
+def _check_spec_flags(config: EngineConfig) -> None:
     if config.speculate < 0:
         raise ConfigError(f"--speculate must be >= 0, got {config.speculate}")
     if config.speculative_model and not config.speculate:
         raise ConfigError("--speculative-model needs --speculate N (draft tokens per step), e.g. --speculate 4")
+
+
+def _find_medusa(config: EngineConfig) -> MedusaRepo | None:
+    """The Medusa repo --model-id names (then --speculate defaults to its head count), else None.
+    A broken repo raises MedusaError: a load error, like a broken checkpoint's."""
+    from textgen.core.spec_decode.medusa import apply_medusa_speculate, find_medusa_repo
+
+    repo = find_medusa_repo(config)
+    if repo is not None:
+        apply_medusa_speculate(config, repo)
+    return repo
+
+
+def _load_speculator(config: EngineConfig, make_runner: Callable[[EngineConfig], ModelRunner], runner: ModelRunner,
+                     medusa: MedusaRepo | None) -> LoadedSpeculator | None:
+    """None unless --speculate > 0; else what the proposer loads before the KV cache is sized (a
+    draft model's weights, Medusa heads), so that the plan leaves room for them."""
     if not config.speculate:
         return None
     if runner.loaded.tp_size > 1:  # drafts and acceptances do not cross ranks in the step diffs yet
         raise ConfigError("--speculate is not supported with --num-shard > 1 yet")
-    from textgen.core.spec_decode import SpecDecoder, build_proposer
+    from textgen.core.spec_decode import load_speculator
+    from textgen.core.spec_decode.medusa import MedusaError
 
     try:
-        proposer = build_proposer(config, make_runner, runner, num_blocks)
-    except ValueError as exc:
+        return load_speculator(config, make_runner, runner, medusa)
+    except MedusaError:
+        raise
+    except ValueError as exc:  # a draft model that does not fit the target
         raise ConfigError(str(exc)) from None
-    return SpecDecoder(config.speculate, proposer, config.max_total_tokens, eos)
+
+
+def _build_spec_decoder(config: EngineConfig, speculator: LoadedSpeculator | None, num_blocks: int,
+                        eos: frozenset[int]) -> SpecDecoder | None:
+    """None unless --speculate > 0; a draft model gets as many KV blocks as the target (the plan
+    paid for both) and the same step limits."""
+    if speculator is None:
+        return None
+    from textgen.core.spec_decode import SpecDecoder
+
+    return SpecDecoder(config.speculate, speculator.proposer(config, num_blocks), config.max_total_tokens, eos)
 
 
 def step_limits(config: EngineConfig, graphs: DecodeGraphs | None) -> StepLimits:

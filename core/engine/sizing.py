@@ -25,12 +25,23 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculatorMemory:
+    """What speculative decoding takes from the KV cache's budget: weights loaded after the
+    memory profile (a draft model, Medusa heads) and the draft's own KV bytes for each block
+    (it gets as many blocks as the target)."""
+
+    weight_bytes: int
+    bytes_per_block: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class KVCachePlan:
     num_blocks: int
     block_size: int
     bytes_per_block: int
     budget_bytes: int
     cache_dtype: str = ""
+    speculator: SpeculatorMemory | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -40,7 +51,13 @@ class KVCachePlan:
         tokens = self.num_blocks * self.block_size
         return (f"KV cache: {self.num_blocks} blocks x {self.block_size} tokens = {tokens} tokens, "
                 f"{self.total_bytes / 2**20:.1f} MiB in {self.cache_dtype} ({self.bytes_per_block} bytes per block; "
-                f"budget {self.budget_bytes / 2**20:.1f} MiB)")
+                f"budget {self.budget_bytes / 2**20:.1f} MiB){self._describe_speculator()}")
+
+    def _describe_speculator(self) -> str:
+        if self.speculator is None:
+            return ""
+        return (f"; the speculator took {self.speculator.weight_bytes / 2**20:.1f} MiB of weights and "
+                f"{self.speculator.bytes_per_block} bytes per block of the budget")
 
 
 def bytes_per_block(specs: list[AttentionSpec], block_size: int) -> int:
@@ -55,24 +72,28 @@ def _itemsize(dtype: Any) -> int:
 
 
 def plan_kv_cache(config: EngineConfig, backend: Backend, specs: list[AttentionSpec], max_length: int,
-                  profile: MemoryProfile) -> KVCachePlan:
+                  profile: MemoryProfile, speculator: SpeculatorMemory | None = None) -> KVCachePlan:
     """Blocks from the backend's memory budget after the profile run, but never more than every
     admissible request at full length could use (max_concurrent_requests x the longest
-    sequence): memory past that would only be zero-filled and never touched."""
+    sequence): memory past that would only be zero-filled and never touched. A speculator's
+    weights come off the budget and its per-block KV bytes are paid for each block too."""
     per_block = bytes_per_block(specs, config.block_size)
     budget = backend.kv_cache_budget_bytes(config, profile)
+    if speculator is not None:
+        budget = max(0, budget - speculator.weight_bytes)
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
     else:
         useful_tokens = config.max_concurrent_requests * (config.max_total_tokens or max_length)
-        num_blocks = min(budget // per_block, math.ceil(useful_tokens / config.block_size))
+        paid = per_block + (speculator.bytes_per_block if speculator is not None else 0)
+        num_blocks = min(budget // paid, math.ceil(useful_tokens / config.block_size))
         if config.max_batch_total_tokens is not None:
             num_blocks = min(num_blocks, math.ceil(config.max_batch_total_tokens / config.block_size))
     if num_blocks < 2:
         raise ConfigError(f"Not enough memory for the KV cache: {budget} bytes available, "
                           f"{per_block} bytes needed per block of {config.block_size} tokens")
     dtype = str(specs[0].cache_dtype).removeprefix("torch.") if specs else ""
-    return KVCachePlan(int(num_blocks), config.block_size, per_block, int(budget), dtype)
+    return KVCachePlan(int(num_blocks), config.block_size, per_block, int(budget), dtype, speculator)
 
 
 def model_max_length(hf_config: Any, tokenizer: Any) -> int:

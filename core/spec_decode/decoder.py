@@ -11,6 +11,7 @@ them (`verify.py`) and `allowed_mask` gives it one grammar row per verified posi
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +21,9 @@ from textgen.core.spec_decode.proposer import Draft, DraftQuery, NgramProposer, 
 if TYPE_CHECKING:
     from textgen.core.config import EngineConfig
     from textgen.core.engine.model_runner import ModelRunner
+    from textgen.core.engine.sizing import SpeculatorMemory
     from textgen.core.scheduler import Request, SchedulerOutput
+    from textgen.core.spec_decode.medusa import MedusaProposer, MedusaRepo
 
 
 class SpecDecoder:
@@ -141,11 +144,45 @@ def _grammar_rows(grammar: Any, state: Any, drafts: list[int]) -> list[torch.Ten
     return rows
 
 
-def build_proposer(config: EngineConfig, make_runner: Callable[[EngineConfig], ModelRunner],
-                   target: ModelRunner, num_blocks: int) -> Proposer:
-    """n-gram prompt lookup unless a draft model is configured (then loaded with `make_runner`)."""
+@dataclass(slots=True)
+class LoadedSpeculator:
+    """The proposer's parts loaded before the KV cache is sized (`memory()` is what they take
+    from its budget); `proposer(num_blocks)` finishes it once the target's block count is known."""
+
+    draft_runner: ModelRunner | None = None
+    medusa: MedusaProposer | None = None
+
+    def memory(self) -> SpeculatorMemory | None:
+        from textgen.core.engine.sizing import SpeculatorMemory, bytes_per_block
+
+        if self.medusa is not None:
+            return SpeculatorMemory(self.medusa.weight_bytes)
+        if self.draft_runner is not None:
+            return SpeculatorMemory(self.draft_runner.loaded.weight_bytes,
+                                    bytes_per_block(self.draft_runner.attention_specs(), self.draft_runner.block_size))
+        return None
+
+    def proposer(self, config: EngineConfig, num_blocks: int) -> Proposer:
+        if self.medusa is not None:
+            return self.medusa
+        if self.draft_runner is not None:
+            from textgen.core.spec_decode.draft_model import DraftModelProposer
+
+            return DraftModelProposer.create(config, self.draft_runner, num_blocks)
+        return NgramProposer()
+
+
+def load_speculator(config: EngineConfig, make_runner: Callable[[EngineConfig], ModelRunner],
+                    target: ModelRunner, medusa: MedusaRepo | None) -> LoadedSpeculator:
+    """Medusa heads when the model id is a Medusa repo (the runner then feeds them each step's
+    hidden rows), a draft model with --speculative-model, else n-gram prompt lookup."""
+    if medusa is not None:
+        from textgen.core.spec_decode.medusa import MedusaProposer
+
+        target.medusa = MedusaProposer.create(medusa, target, config.speculate)
+        return LoadedSpeculator(medusa=target.medusa)
     if config.speculative_model:
         from textgen.core.spec_decode.draft_model import DraftModelProposer
 
-        return DraftModelProposer.create(config, make_runner, target, num_blocks)
-    return NgramProposer()
+        return LoadedSpeculator(draft_runner=DraftModelProposer.load_runner(config, make_runner, target))
+    return LoadedSpeculator()

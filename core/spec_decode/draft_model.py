@@ -64,13 +64,12 @@ class DraftModelProposer:
         self.max_step_tokens, self.max_step_rows = max_step_tokens, max_step_rows
         self.seqs: dict[str, DraftSequence] = {}
 
-    @classmethod
-    def create(cls, config: EngineConfig, make_runner: Callable[[EngineConfig], ModelRunner],
-               target: ModelRunner, num_blocks: int) -> DraftModelProposer:
-        """Load the draft like the target (same backend, dtype, block size), with `num_blocks`
-        KV blocks of its own. ValueError when its vocabulary differs from the target's."""
-        from textgen.core.engine.setup import step_limits
-
+    @staticmethod
+    def load_runner(config: EngineConfig, make_runner: Callable[[EngineConfig], ModelRunner],
+                    target: ModelRunner) -> ModelRunner:
+        """The draft's runner, loaded like the target (same backend, dtype, block size) before
+        the KV cache is sized, so its weights and KV come off the target's budget. ValueError
+        when its vocabulary or block size differs from the target's."""
         draft_config = replace(config, model_id=config.speculative_model, revision=None, quantize=None,
                                speculate=0, speculative_model=None, block_size=target.block_size, extra={})
         runner = make_runner(draft_config)
@@ -80,6 +79,13 @@ class DraftModelProposer:
         if runner.block_size != target.block_size:
             raise ValueError(f"the draft model's attention kernel needs block size {runner.block_size}, the "
                              f"target's {target.block_size}: set --block-size to one both accept")
+        return runner
+
+    @classmethod
+    def create(cls, config: EngineConfig, runner: ModelRunner, num_blocks: int) -> DraftModelProposer:
+        """The proposer on a loaded draft runner with `num_blocks` KV blocks of its own."""
+        from textgen.core.engine.setup import step_limits
+
         runner.allocate_kv_cache(num_blocks)
         limits = step_limits(config, None)
         runner.prepare(limits)

@@ -58,13 +58,29 @@ def verify_drafts(scores: torch.Tensor, drafts: list[int], greedy: bool, generat
 
 
 def _verify_greedy(scores: torch.Tensor, drafts: list[int]) -> Verified:
-    targets = scores.argmax(dim=-1).tolist()
-    out: list[int] = []
-    for j, d in enumerate(drafts):
-        if targets[j] != d:
-            return Verified(out + [targets[j]])
-        out.append(d)
-    return Verified(out + [targets[len(drafts)]])
+    targets, accepted = greedy_acceptance(scores, [drafts])
+    return Verified(targets[: int(accepted[0]) + 1].tolist())
+
+
+def greedy_acceptance(scores: torch.Tensor, drafts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy verification of every row at once, on the scores' device without a host sync.
+    `scores` [sum(k_r + 1), V]: row r's k_r + 1 positions in order; `drafts` row r's k_r drafts.
+    Returns (targets [sum(k_r + 1)]: the argmax at every position, accepted [R]: how many of
+    row r's drafts equal the argmax before them, up to the first mismatch). Row r then emits
+    targets[start_r : start_r + accepted_r + 1] (its accepted drafts are those targets)."""
+    targets = scores.argmax(dim=-1)
+    device = targets.device
+    lengths = torch.tensor([len(d) for d in drafts], dtype=torch.long)
+    width = int(lengths.max()) if drafts else 0
+    if width == 0:
+        return targets, torch.zeros(len(drafts), dtype=torch.long, device=device)
+    starts = (lengths + 1).cumsum(0) - (lengths + 1)
+    offsets = torch.arange(width)
+    valid = offsets[None, :] < lengths[:, None]
+    positions = torch.where(valid, starts[:, None] + offsets[None, :], 0).to(device)
+    padded = torch.tensor([d + [-1] * (width - len(d)) for d in drafts], dtype=targets.dtype, device=device)
+    match = (targets[positions] == padded) & valid.to(device)
+    return targets, match.to(torch.long).cumprod(dim=1).sum(dim=1)
 
 
 def _residual(p: torch.Tensor, draft: int, q: torch.Tensor | None) -> torch.Tensor:

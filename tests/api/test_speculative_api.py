@@ -1,7 +1,8 @@
 """--speculate through the HTTP server: a real uvicorn server with n-gram speculation answers
 /generate and /generate_stream exactly as the non-speculative session server does (greedy), one
 SSE event per token even when a step emits several, /info says `speculate`, and /metrics'
-tgi_request_skipped_tokens counts the accepted drafts."""
+tgi_request_skipped_tokens counts the accepted drafts. A Medusa repo as --model-id serves the
+same way (its heads draft), and a broken one fails `textgen serve` with one line, exit status 1."""
 from __future__ import annotations
 
 import json
@@ -90,3 +91,54 @@ def test_flags_and_their_refusals():
     assert check_options(options(["--speculate", "-1"])[0]) == ["`speculate` must be >= 0. Given: -1"]
     assert check_options(options(["--speculative-model", "d"])[0]) == [
         "--speculative-model needs --speculate N (draft tokens per step), e.g. --speculate 4"]
+
+
+@pytest.fixture(scope="module")
+def medusa_repo(tiny_llama, tmp_path_factory):
+    from tests.engine.test_speculative_medusa import make_medusa_repo
+
+    return make_medusa_repo(tmp_path_factory.mktemp("medusa"), tiny_llama, num_heads=4, copy_lm_head=True)
+
+
+@pytest.fixture(scope="module")
+def medusa_server(medusa_repo):
+    engine = make_engine(str(medusa_repo))
+    running = start_server(engine)
+    yield running
+    running.stop()
+    engine.shutdown()
+
+
+def test_medusa_server_reports_its_heads_and_accepted_drafts(medusa_server, medusa_repo, server):
+    """--model-id a Medusa repo: /info names the repo with speculate = its head count, the
+    details equal the plain server's, and tgi_request_skipped_tokens counts accepted drafts."""
+    info = httpx.get(medusa_server.base_url + "/info", timeout=60).json()
+    assert (info["model_id"], info["speculate"]) == (str(medusa_repo), 4)
+    before = httpx.get(medusa_server.base_url + "/metrics", timeout=60).text
+    for prompt in ["a a a a a a a a", "x x x x x x x x x x", "def add(a, b):"]:
+        medusa, plain = generate(medusa_server, prompt, ignore_eos=True), generate(server, prompt, ignore_eos=True)
+        (medusa_rest, medusa_lps), (plain_rest, plain_lps) = split_logprobs(medusa), split_logprobs(plain)
+        assert medusa_rest == plain_rest and len(medusa_details := medusa["details"]["tokens"]) == 30
+        assert medusa_lps == pytest.approx(plain_lps, abs=1e-4)
+        assert medusa_details[-1]["id"] == plain["details"]["tokens"][-1]["id"]
+    after = httpx.get(medusa_server.base_url + "/metrics", timeout=60).text
+    steps = metric(after, "tgi_request_skipped_tokens_count") - metric(before, "tgi_request_skipped_tokens_count")
+    accepted = metric(after, "tgi_request_skipped_tokens_sum") - metric(before, "tgi_request_skipped_tokens_sum")
+    assert accepted > 0 and steps + accepted == 90  # one observation per request-step; each step emits 1 + accepted
+
+
+def test_a_broken_medusa_repo_is_one_line_and_exit_status_1(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tests.api.test_launcher import run_cli
+    from tests.engine.test_speculative_medusa import make_medusa_repo
+
+    repo = make_medusa_repo(tmp_path / "broken", tiny_llama, num_heads=2)
+    tensors = load_file(str(repo / "medusa_lm_head.safetensors"))
+    tensors["1.0.linear.weight"] = tensors["1.0.linear.weight"][:8].contiguous()
+    save_file(tensors, str(repo / "medusa_lm_head.safetensors"))
+    done = run_cli("--model-id", str(repo), "--backend", "cpu", "--dtype", "float32")
+    error = done.stderr.splitlines()[-1]  # after the base model's loading progress bar
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr
+    assert error.startswith(f"textgen serve: error: cannot start the engine for '{repo}': MedusaError: ")
+    assert error.endswith("1.0.linear.weight (8, 64) (expected (64, 64))")
