@@ -51,17 +51,6 @@ def neuron_impl(environ: Mapping[str, str]) -> str:
     return value
 
 
-def _impl_detail() -> str:
-    try:
-        impl = neuron_impl(os.environ)
-    except ValueError as exc:
-        return str(exc)
-    if impl == "native":
-        return "runner: native (textgen's model on the XLA device)"
-    return f"runner: NxD Inference ({NXDI_PACKAGE} {metadata.version('neuronx-distributed-inference')})" \
-        if find_spec(NXDI_PACKAGE) is not None else f"runner: NxD Inference ({NXDI_PACKAGE} missing)"
-
-
 def probe() -> BackendCandidate:
     if find_spec("torch_neuronx") is None:
         return _candidate(
@@ -71,7 +60,7 @@ def probe() -> BackendCandidate:
     if not nodes:
         return _candidate(False, f"no Neuron device: no {DEVICE_NODES} device node (aws-neuronx-dkms driver)")
     version = metadata.version("torch_neuronx")
-    return _candidate(True, f"{len(nodes)} x Neuron device ({nodes[0]}), torch_neuronx {version}; {_impl_detail()}")
+    return _candidate(True, f"{len(nodes)} x Neuron device ({nodes[0]}), torch_neuronx {version}")
 
 
 @hookimpl
