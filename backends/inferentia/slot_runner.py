@@ -147,6 +147,7 @@ class SlotRunner:
             self.slots.filled[row.slot] += 1
         return {s.request.request_id: result[i] for i, s in enumerate(decodes)}
 
+    @torch.inference_mode()
     def _call(self, inputs: NxDInputs) -> torch.Tensor:
         """The real rows' logits, in input order."""
         logits = self.model(inputs.input_ids, inputs.attention_mask, inputs.position_ids, inputs.seq_ids,

@@ -125,3 +125,21 @@ def test_impl_choice_and_the_missing_package_named_exactly():
                                   f"repository ({NXDI_INSTALL})")
         assert NXDI_INSTALL == ("pip install --extra-index-url https://pip.repos.neuron.amazonaws.com "
                                 "neuronx-distributed-inference")
+
+
+def test_the_backend_leaves_the_xla_device_to_nxdi(monkeypatch):
+    """With the NxDI runner chosen, building InferentiaBackend imports torch_neuronx (here an
+    empty stand-in module: the real one is not on PyPI) but never torch_xla, and puts textgen's
+    own tensors on the host."""
+    import sys
+    from types import ModuleType
+
+    from textgen.backends.inferentia.backend import InferentiaBackend
+    from textgen.core.backend import BackendCandidate
+
+    monkeypatch.setitem(sys.modules, "torch_neuronx", ModuleType("torch_neuronx"))
+    monkeypatch.setenv("TEXTGEN_NEURON_IMPL", "nxdi")
+    had_xla = "torch_xla" in sys.modules
+    backend = InferentiaBackend(None, BackendCandidate("inferentia", True, 90, "test", ""))
+    assert backend.runs_nxdi and backend.device == torch.device("cpu")
+    assert ("torch_xla" in sys.modules) == had_xla
