@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+from collections.abc import Mapping
 from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,7 +80,7 @@ def nxd_limits(config: EngineConfig, hf_config: Any) -> OwnedCacheLimits:
     return OwnedCacheLimits(slots, config.max_total_tokens or min(model_len, DEFAULT_SEQ_LEN))
 
 
-def tp_degree(environ: dict[str, str] | os._Environ[str]) -> int:
+def tp_degree(environ: Mapping[str, str]) -> int:
     value = environ.get(TP_DEGREE_ENV, "1")
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{TP_DEGREE_ENV} must be a positive integer (NeuronCores to shard over), got {value!r}")
@@ -98,7 +99,7 @@ def neuron_config_kwargs(tp: int, limits: OwnedCacheLimits, buckets: NxDBuckets,
     )
 
 
-def artifacts_dir(model_path: Path, config_json: str, environ: dict[str, str] | os._Environ[str]) -> Path:
+def artifacts_dir(model_path: Path, config_json: str, environ: Mapping[str, str]) -> Path:
     if environ.get(ARTIFACTS_ENV):
         return Path(environ[ARTIFACTS_ENV])
     digest = hashlib.sha256(f"{model_path.resolve()}\n{config_json}".encode()).hexdigest()[:16]

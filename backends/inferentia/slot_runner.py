@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from textgen.backends.inferentia.nxd_inputs import (
-    DecodeRow, NxDBuckets, NxDInputs, SamplingTriple, SlotTable, context_inputs, decode_inputs,
+    NEUTRAL_SAMPLING, DecodeRow, NxDBuckets, NxDInputs, SamplingTriple, SlotTable, context_inputs, decode_inputs,
     decode_max_position,
 )
 from textgen.core.engine.model_runner import ModelRunner, RowSampling, StepResult
@@ -166,8 +166,9 @@ class SlotRunner:
 
 
 def nxd_sampling(request: Request) -> SamplingTriple:
-    """The request's (top_k, top_p, temperature) in NxD's layout (top_k 0 = off becomes 1 for a
-    greedy request and stays 0 otherwise; the program ignores them with on-device sampling off)."""
+    """The request's (top_k, top_p, temperature) in NxD's layout; a greedy request's are NxD's
+    neutral (1, 1.0, 1.0). The program ignores them with on-device sampling off."""
     p = request.sampling_params
-    greedy = p.is_greedy
-    return (1 if greedy else int(p.top_k or 0), 1.0 if greedy else float(p.top_p), 1.0 if greedy else float(p.temperature))
+    if p.is_greedy:
+        return NEUTRAL_SAMPLING
+    return (int(p.top_k or 0), float(p.top_p), float(p.temperature))

@@ -35,11 +35,12 @@ def test_buckets_double_up_to_the_sequence_length():
     assert buckets.context == buckets.token_generation == (128, 256, 512, 600)
     assert NxDBuckets.for_seq_len(64).context == (64,)
     assert [buckets.context_bucket(n) for n in (1, 128, 129, 600)] == [128, 128, 256, 600]
-    assert buckets.context_bucket(601) == ("the sequence has 601 tokens; the largest compiled context-encoding "
-                                           "bucket holds 600")
+    assert buckets.context_bucket(601) == (
+        "the sequence has 601 tokens; the largest compiled context-encoding bucket holds 600")
     # a position must lie inside the bucket: position 128 needs the 256 bucket
     assert [buckets.decode_bucket(p) for p in (0, 127, 128, 599)] == [128, 128, 256, 600]
-    assert buckets.decode_bucket(600) == "position 600 is past the largest compiled token-generation bucket (600 positions)"
+    assert buckets.decode_bucket(600) == (
+        "position 600 is past the largest compiled token-generation bucket (600 positions)")
 
 
 def test_context_inputs_are_right_padded_with_position_zero_and_mask_zero():
@@ -83,6 +84,14 @@ def test_decode_inputs_refuse_a_position_outside_the_bucket_and_shared_slots():
 
 
 def test_sampling_params_layout():
+    from types import SimpleNamespace
+
+    from textgen.backends.inferentia.slot_runner import nxd_sampling
+    from textgen.core.sampling_params import SamplingParams
+
+    greedy = SimpleNamespace(sampling_params=SamplingParams())
+    sampled = SimpleNamespace(sampling_params=SamplingParams(do_sample=True, top_k=40, top_p=0.9, temperature=0.7))
+    assert nxd_sampling(greedy) == NEUTRAL_SAMPLING and nxd_sampling(sampled) == (40, 0.9, 0.7)
     assert sampling_params_tensor([(1, 1.0, 1.0), (5, 0.5, 2.0)]).tolist() == [[1.0, 1.0, 1.0], [5.0, 0.5, 2.0]]
     assert sampling_params_tensor([]).shape == (0, 3)
 
@@ -103,11 +112,14 @@ def test_limits_architectures_and_settings():
 
     hf = SimpleNamespace(architectures=["Qwen2ForCausalLM"], max_position_embeddings=32768)
     assert nxd_limits(EngineConfig(model_id="m"), hf) == OwnedCacheLimits(128, 2048)
-    assert nxd_limits(EngineConfig(model_id="m", max_batch_size=4, max_total_tokens=1000), hf) == OwnedCacheLimits(4, 1000)
-    assert nxd_architecture(hf) == ("neuronx_distributed_inference.models.qwen2.modeling_qwen2", "NeuronQwen2ForCausalLM")
+    limits = nxd_limits(EngineConfig(model_id="m", max_batch_size=4, max_total_tokens=1000), hf)
+    assert limits == OwnedCacheLimits(4, 1000)
+    assert nxd_architecture(hf) == ("neuronx_distributed_inference.models.qwen2.modeling_qwen2",
+                                    "NeuronQwen2ForCausalLM")
     assert nxd_architecture(SimpleNamespace(architectures=["MistralForCausalLM"]))[1] == "NeuronLlamaForCausalLM"
     reason = nxd_architecture(SimpleNamespace(architectures=["GPT2LMHeadModel"]))
-    assert reason.startswith("architecture ['GPT2LMHeadModel'] has no NxD Inference model") and "TEXTGEN_NEURON_IMPL=native" in reason
+    assert reason.startswith("architecture ['GPT2LMHeadModel'] has no NxD Inference model")
+    assert "TEXTGEN_NEURON_IMPL=native" in reason
     assert tp_degree({}) == 1 and tp_degree({"TEXTGEN_NEURON_TP_DEGREE": "8"}) == 8
     with pytest.raises(ValueError, match="TEXTGEN_NEURON_TP_DEGREE must be a positive integer"):
         tp_degree({"TEXTGEN_NEURON_TP_DEGREE": "0"})

@@ -46,7 +46,7 @@ class CompiledSlotLM:
 
     def _context(self, input_ids, attention_mask, position_ids, seq_ids) -> torch.Tensor:
         bucket = input_ids.shape[1]
-        assert input_ids.shape[0] == 1 and bucket in self.buckets.context, f"shape {tuple(input_ids.shape)} not compiled"
+        assert input_ids.shape[0] == 1 and bucket in self.buckets.context, f"{tuple(input_ids.shape)} not compiled"
         slot = int(seq_ids[0])
         self.cache[slot][:bucket] = input_ids[0].tolist()
         last = int(position_ids[0].argmax())
@@ -101,7 +101,8 @@ class StandInNeuronPlugin:
         return self.runner
 
 
-def _owned_llm(path: str, slots: int = 4, seq_len: int = 64, smallest: int = 8, **config) -> tuple[LLM, StandInNeuronPlugin]:
+def _owned_llm(path: str, slots: int = 4, seq_len: int = 64, smallest: int = 8,
+               **config) -> tuple[LLM, StandInNeuronPlugin]:
     plugin = StandInNeuronPlugin(path, slots, seq_len, smallest)
     pm = PluginManager(allow={"cpu"})
     pm.register(plugin, "standin-neuron")
@@ -181,7 +182,8 @@ def test_prompt_logprobs_fail_alone_with_the_reason(tiny_llama, cpu_greedy):
     plain = llm.generate_ids([PROMPTS[0]], max_new_tokens=3)[0]
     details = llm.generate_ids([PROMPTS[1]], max_new_tokens=3, prompt_logprobs=True)[0]
     assert plain.token_ids == cpu_greedy[tuple(PROMPTS[0])][:3]
-    assert details.finish_reason == "error" and "prompt logprobs (decoder_input_details) are not available" in details.error
+    assert details.finish_reason == "error"
+    assert "prompt logprobs (decoder_input_details) are not available" in details.error
 
 
 def test_features_that_need_the_paged_cache_are_refused_at_startup(tiny_llama):
