@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # The backend contract's version (hook specs and the interfaces above). MAJOR changes when a call
 # a plugin relies on changes or disappears; MINOR when core calls something new that has a
 # default. A plugin may check it at import: `textgen.core.CONTRACT_VERSION[0] == 2`.
-CONTRACT_VERSION = (2, 0)
+CONTRACT_VERSION = (2, 1)  # 2.1: textgen_owned_cache_runner
 
 _LAZY = {
     "LLM": "textgen.core.llm",

@@ -12,7 +12,8 @@ Ordering contract (`textgen.core.engine.setup.build_engine_parts`; version
 3. One backend is selected (`PluginManager.select`); all other backend plugins are unregistered,
    so the remaining hooks are answered by the chosen plugin (plus non-backend plugins such as
    model-architecture providers). Its `Backend` class is instantiated once.
-4. `textgen_configure` may adjust or refuse the engine config (reasons: exit 2).
+4. `textgen_configure` may adjust or refuse the engine config (reasons: exit 2); then
+   `textgen_owned_cache_runner` may hand over a runner that owns its KV cache, which skips 5-6.
 5. `textgen_attention_backends`, `textgen_model_architectures` and `textgen_quantizers` are
    called once each; the model is built and loaded (through the chosen quantization method), then
    the kernel is negotiated over the model's per-layer specs (`textgen.core.attention_selection`).
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from textgen.core.backend import Backend, BackendCandidate
     from textgen.core.config import EngineConfig
+    from textgen.core.engine.owned_cache import OwnedCacheRunner
     from textgen.core.registry import AttentionBackendInfo, QuantizerInfo
 
 PROJECT_NAME = "textgen"
@@ -82,6 +84,15 @@ def textgen_quantizers(backend: Backend) -> list[QuantizerInfo]:
 @hookspec
 def textgen_model_architectures() -> dict[str, str]:
     """Extra or overriding model classes: HF architecture name -> "module:Class" path."""
+
+
+@hookspec(firstresult=True)
+def textgen_owned_cache_runner(config: EngineConfig, backend: Backend) -> OwnedCacheRunner | None:
+    """A runner whose compiled model keeps its own KV cache (`textgen.core.engine.owned_cache`),
+    or None to run textgen's own model over the paged cache. Called once after
+    `textgen_configure`; the first non-None answer is used, and the engine then allocates no KV
+    blocks and negotiates no attention kernel. Raise `ValueError` with the reason when the
+    backend's runner is wanted but cannot be built."""
 
 
 @hookspec

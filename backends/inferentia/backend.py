@@ -2,6 +2,11 @@
 
 torch_neuronx drives NeuronCores as a torch_xla PJRT device, so this is the XLA backend with
 Neuron's facts. Neither SDK is imported before the backend is built.
+
+With the NxD Inference runner (TEXTGEN_NEURON_IMPL, see `plugin`) the NeuronCores belong to
+NxDI's compiled model: the backend then leaves torch_xla's device alone (initializing it would
+start a second claim on the cores) and textgen's own tensors (logits, sampler, grammar masks)
+live on the host, where NxDI hands its logits back.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from textgen.backends.tpu.backend import XLABackend, xla_memory
-from textgen.core.backend import MemoryInfo
+from textgen.core.backend import Backend, MemoryInfo
 
 if TYPE_CHECKING:
     from textgen.core.backend import BackendCandidate
@@ -28,7 +33,14 @@ class InferentiaBackend(XLABackend):
     def __init__(self, config: EngineConfig | None, candidate: BackendCandidate) -> None:
         import torch_neuronx  # noqa: F401  registers the Neuron PJRT plugin with torch_xla
 
-        super().__init__(config, candidate)
+        from textgen.backends.inferentia.plugin import neuron_impl
+
+        self.runs_nxdi = neuron_impl(os.environ) == "nxdi"
+        if self.runs_nxdi:
+            Backend.__init__(self, config, candidate)
+            self._xm, self._device = None, torch.device("cpu")
+        else:
+            super().__init__(config, candidate)
 
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.bfloat16, torch.float16, torch.float32)

@@ -14,6 +14,7 @@ from textgen.core.config import EngineConfig
 from textgen.core.engine.executor import make_executor
 from textgen.core.engine.memory import describe_profile, profile_memory
 from textgen.core.engine.model_runner import ModelRunner
+from textgen.core.engine.owned_cache import build_owned_cache_parts
 from textgen.core.engine.sizing import ConfigError, derive_budgets, model_max_length, plan_kv_cache
 from textgen.core.engine.topology import agree_on_kv_blocks, collective_timeout_s
 from textgen.core.graphs import DecodeGraphs, decode_graphs
@@ -54,6 +55,9 @@ def build_engine_parts(config: EngineConfig, plugin_manager: Any = None) -> Engi
     reasons = _flatten(pm.hook.textgen_configure(config=config, backend=backend))
     if reasons:
         raise ConfigError(f"backend '{backend.name}' cannot run this configuration: " + "; ".join(reasons))
+    owned = pm.hook.textgen_owned_cache_runner(config=config, backend=backend)
+    if owned is not None:  # a compiled model with its own KV cache: no paged cache, no kernel choice
+        return build_owned_cache_parts(config, backend, owned)
     seq2seq = seq2seq_config(config)
     if seq2seq is not None:  # encoder-decoder: the seq2seq runner instead of the paged one
         return build_seq2seq_parts(config, backend, *seq2seq)
