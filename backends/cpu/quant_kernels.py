@@ -4,9 +4,10 @@ int4 (`--quantize int4` and every int4 checkpoint format) and int8 layers take, 
 - M <= `GEMV_ROWS[fmt]`: the backend's own C++ kernels (backends/cpu/quant_gemv.py,
   csrc/quant_gemv.cpp), which stream the packed codes once per step and decode them in registers;
   int4 is stored in their layout (uint8 [N, K/2] plus [N, G, 2] scales and zeros).
-- larger M: int4 is dequantized into a bf16/fp32 scratch by the same extension and a regular GEMM
-  runs (oneDNN's blocked GEMM is compute-bound there, the dequantize costs one pass over the
-  weight); int8 takes torch's `_weight_int8pack_mm` up to `MAX_PACKED_ROWS`, then dequantize + GEMM.
+- larger M: the weight is dequantized to the activation dtype by the same extension and oneDNN's
+  GEMM runs (compute-bound there; the dequantize is one pass over the weight). torch's packed
+  kernels lost to it from M = 16 to 256 (int8 `_weight_int8pack_mm` 11.7 vs 7.2 ms per layer at
+  M = 64, int4 12.8 vs 7.1; bf16 `F.linear` 6.1), and so did dequantizing in L2-sized row tiles.
 Where the extension cannot be built (or TEXTGEN_CPU_QUANT_GEMV=0), or a shape or dtype is outside
 it (int4 group size not a multiple of 32, fp16 activations), the layers keep torch's packed
 kernels as before: `aten._weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm` up to
@@ -35,7 +36,7 @@ from textgen.core.quantization.kernels import PortableKernels, dequantize_int4, 
 
 MAX_PACKED_ROWS = 512  # rows per call up to which torch's packed kernels run (where they serve)
 # rows per call up to which the C++ GEMV kernels run, per weight format; measured, see the docstring
-GEMV_ROWS = {"int4_gemv": 16, "int8": 16}
+GEMV_ROWS = {"int4_gemv": 16, "int8": 8}
 GEMV_DTYPES = (torch.bfloat16, torch.float32)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes the int4 kernel takes
 INT4_BLOCK_CANDIDATES = (64, 32)  # rows per packed block: AVX-512, AVX2
@@ -111,13 +112,18 @@ class CPUKernels(PortableKernels):
         layer.weight_format, layer.int4_group_size = "int4_cpu", group_size
 
     def dense_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        if layer.weight_format == "int4_gemv":
-            packed = layer.int4_packed
+        fmt = layer.weight_format
+        if fmt in ("int4_gemv", "int8") and (fmt == "int4_gemv" or quant_gemv.available()):
             out_dtype = dtype if dtype in GEMV_DTYPES else torch.float32
-            out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=out_dtype)
-            quant_gemv.int4_dequantize(packed, layer.int4_scales_zeros, layer.int4_group_size, out)
+            if fmt == "int4_gemv":
+                packed = layer.int4_packed
+                out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=out_dtype)
+                quant_gemv.int4_dequantize(packed, layer.int4_scales_zeros, layer.int4_group_size, out)
+            else:
+                out = quant_gemv.int8_dequantize(layer.int8_codes, layer.int8_scales,
+                                                 torch.empty(layer.int8_codes.shape, dtype=out_dtype))
             return out.to(dtype)
-        if layer.weight_format != "int4_cpu":
+        if fmt != "int4_cpu":
             return super().dense_weight(layer, dtype)
         codes = getattr(layer, "int4_codes", None)
         codes = _unpack_int4(layer.int4_packed, int4_block_n()) if codes is None else codes
@@ -129,14 +135,14 @@ class CPUKernels(PortableKernels):
         rows = x.numel() // x.shape[-1]
         if fmt not in ("int4_gemv", "int4_cpu", "int8") or x.dtype != layer.compute_dtype:
             return F.linear(x, self.dense_weight(layer, x.dtype), bias)
+        gemv = x.dtype in GEMV_DTYPES and quant_gemv.available()
+        if rows > (GEMV_ROWS.get(fmt, 0) if gemv else MAX_PACKED_ROWS) or (fmt == "int4_gemv" and not gemv):
+            return F.linear(x, self.dense_weight(layer, x.dtype), bias)  # many rows: compute-bound GEMM
         flat = x.reshape(rows, x.shape[-1]).contiguous()
-        if rows <= GEMV_ROWS.get(fmt, 0) and x.dtype in GEMV_DTYPES and quant_gemv.available():
-            if fmt == "int4_gemv":
-                out = quant_gemv.int4_linear(flat, layer.int4_packed, layer.int4_scales_zeros, layer.int4_group_size)
-            else:
-                out = quant_gemv.int8_linear(flat, layer.int8_codes, layer.int8_scales)
-        elif fmt == "int4_gemv" or rows > MAX_PACKED_ROWS:
-            return F.linear(x, self.dense_weight(layer, x.dtype), bias)
+        if fmt == "int4_gemv":
+            out = quant_gemv.int4_linear(flat, layer.int4_packed, layer.int4_scales_zeros, layer.int4_group_size)
+        elif gemv:
+            out = quant_gemv.int8_linear(flat, layer.int8_codes, layer.int8_scales)
         elif fmt == "int4_cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, layer.int4_packed, layer.int4_group_size,
                                                               layer.int4_scales_zeros)

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -47,9 +48,9 @@ inline float as_float(S v) { return static_cast<float>(v); }
 
 // ---------------------------------------------------------------- int4, plain loops (any CPU)
 
-template <typename S>
+template <typename S, typename O>
 void int4_row_plain(const uint8_t* w, const S* sz, const float* x, int64_t ldx, const float* xsum, int64_t m_rows,
-                    int64_t k_size, int64_t group, float* out, int64_t ldo) {
+                    int64_t k_size, int64_t group, O* out, int64_t ldo) {
   const int64_t block = int4_block(group), half = block / 2, groups = k_size / group;
   for (int64_t m = 0; m < m_rows; ++m) {
     const float* xm = x + m * ldx;
@@ -66,7 +67,7 @@ void int4_row_plain(const uint8_t* w, const S* sz, const float* x, int64_t ldx, 
       const float s = as_float(sz[2 * g]), z = as_float(sz[2 * g + 1]);
       y += s * d + (z - 8.f * s) * xsum[m * groups + g];
     }
-    out[m * ldo] = y;
+    out[m * ldo] = static_cast<O>(y);
   }
 }
 
@@ -74,9 +75,9 @@ void int4_row_plain(const uint8_t* w, const S* sz, const float* x, int64_t ldx, 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // fp32 activations: codes to fp32, FMA. MB activation rows share each decoded block.
-template <int MB, typename S>
+template <int MB, typename S, typename O>
 void int4_row_f32(const uint8_t* w, const S* sz, const float* x, int64_t ldx, const float* xsum, int64_t k_size,
-                  int64_t group, float* out, int64_t ldo) {
+                  int64_t group, O* out, int64_t ldo) {
   const int64_t block = int4_block(group), half = block / 2, groups = k_size / group;
   const __m512i low = _mm512_set1_epi32(0xF);
   float y[MB] = {};
@@ -103,14 +104,14 @@ void int4_row_f32(const uint8_t* w, const S* sz, const float* x, int64_t ldx, co
       y[m] += (z - 8.f * s) * xsum[m * groups + g];
     }
   }
-  for (int m = 0; m < MB; ++m) out[m * ldo] = y[m] + hsum(total[m]);
+  for (int m = 0; m < MB; ++m) out[m * ldo] = static_cast<O>(y[m] + hsum(total[m]));
 }
 
 #ifdef __AVX512BF16__
 // bf16 activations: each code c becomes the bf16 number 128 + c, one dpbf16 per 32 weights.
 template <int MB, typename S>
 void int4_row_bf16(const uint8_t* w, const S* sz, const c10::BFloat16* x, int64_t ldx, const float* xsum,
-                   int64_t k_size, int64_t group, float* out, int64_t ldo) {
+                   int64_t k_size, int64_t group, c10::BFloat16* out, int64_t ldo) {
   const int64_t block = int4_block(group), groups = k_size / group;
   const auto* xb = reinterpret_cast<const uint16_t*>(x);
   float y[MB] = {};
@@ -149,13 +150,37 @@ void int4_row_bf16(const uint8_t* w, const S* sz, const c10::BFloat16* x, int64_
       y[m] += (z - 136.f * s) * xsum[m * groups + g];
     }
   }
-  for (int m = 0; m < MB; ++m) out[m * ldo] = y[m] + hsum(total[m]);
+  for (int m = 0; m < MB; ++m) out[m * ldo] = static_cast<c10::BFloat16>(y[m] + hsum(total[m]));
+}
+#endif  // __AVX512BF16__
+
+#ifdef __AVX512BF16__
+// int8 codes against bf16 activations: 32 codes -> fp32 -> bf16 (exact, |c| <= 127 has 7 bits),
+// then one dpbf16 per activation row, so rows past the first cost a load and a dpbf16 per 32
+// weights instead of two FMAs. K tail masked.
+template <int MB>
+void int8_row_bf16(const int8_t* w, float scale, const c10::BFloat16* x, int64_t ldx, int64_t k_size,
+                   c10::BFloat16* out, int64_t ldo) {
+  const auto* xb = reinterpret_cast<const uint16_t*>(x);
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_size; k += 32) {
+    const int64_t left = std::min<int64_t>(32, k_size - k);
+    const __mmask32 mask = left == 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << left) - 1ull);
+    const __m256i bytes = _mm256_maskz_loadu_epi8(mask, w + k);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+    const __m512bh codes = _mm512_cvtne2ps_pbh(hi, lo);  // lanes 0..15 from lo, 16..31 from hi
+    for (int m = 0; m < MB; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], codes, (__m512bh)_mm512_maskz_loadu_epi16(mask, xb + m * ldx + k));
+  }
+  for (int m = 0; m < MB; ++m) out[m * ldo] = static_cast<c10::BFloat16>(scale * hsum(acc[m]));
 }
 #endif  // __AVX512BF16__
 
 // int8 codes against fp32 activations: MB rows share each decoded chunk; K tail masked.
-template <int MB>
-void int8_row_f32(const int8_t* w, float scale, const float* x, int64_t ldx, int64_t k_size, float* out, int64_t ldo) {
+template <int MB, typename O>
+void int8_row_f32(const int8_t* w, float scale, const float* x, int64_t ldx, int64_t k_size, O* out, int64_t ldo) {
   __m512 acc[MB], acc2[MB];
   for (int m = 0; m < MB; ++m) acc[m] = acc2[m] = _mm512_setzero_ps();
   int64_t k = 0;
@@ -174,16 +199,17 @@ void int8_row_f32(const int8_t* w, float scale, const float* x, int64_t ldx, int
     const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + k)));
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(mask, x + m * ldx + k), acc[m]);
   }
-  for (int m = 0; m < MB; ++m) out[m * ldo] = scale * hsum(_mm512_add_ps(acc[m], acc2[m]));
+  for (int m = 0; m < MB; ++m) out[m * ldo] = static_cast<O>(scale * hsum(_mm512_add_ps(acc[m], acc2[m])));
 }
 #endif  // TEXTGEN_AVX512
 
+template <typename O>
 void int8_row_plain(const int8_t* w, float scale, const float* x, int64_t ldx, int64_t m_rows, int64_t k_size,
-                    float* out, int64_t ldo) {
+                    O* out, int64_t ldo) {
   for (int64_t m = 0; m < m_rows; ++m) {
     float acc = 0.f;
     for (int64_t k = 0; k < k_size; ++k) acc += static_cast<float>(w[k]) * x[m * ldx + k];
-    out[m * ldo] = scale * acc;
+    out[m * ldo] = static_cast<O>(scale * acc);
   }
 }
 
@@ -202,16 +228,15 @@ inline void by_chunk(int64_t rows, F&& f) {
 at::Tensor as_f32(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
 
 // Per (row, group) sums of the activations in fp32, [M, G].
-at::Tensor group_sums(const at::Tensor& x32, int64_t group) {
-  const int64_t m_rows = x32.size(0), k_size = x32.size(1), groups = k_size / group;
-  at::Tensor sums = at::empty({m_rows, groups}, x32.options().dtype(at::kFloat));
-  const float* x = x32.data_ptr<float>();
-  float* s = sums.data_ptr<float>();
+template <typename T>
+std::vector<float> group_sums(const T* x, int64_t m_rows, int64_t k_size, int64_t group) {
+  const int64_t groups = k_size / group;
+  std::vector<float> sums(m_rows * groups);
   for (int64_t m = 0; m < m_rows; ++m)
     for (int64_t g = 0; g < groups; ++g) {
       float acc = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) acc += x[m * k_size + k];
-      s[m * groups + g] = acc;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) acc += static_cast<float>(x[m * k_size + k]);
+      sums[m * groups + g] = acc;
     }
   return sums;
 }
@@ -223,42 +248,48 @@ void check_activations(const at::Tensor& x, int64_t k_size) {
   TORCH_CHECK(x.size(1) == k_size, "activations have ", x.size(1), " columns, the weight ", k_size);
 }
 
-template <typename S>
+// O: the output (and activation) dtype. bf16 activations are read as they are by the AVX512-BF16
+// kernel; the other kernels read an fp32 copy.
+template <typename S, typename O>
 void int4_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t group,
-                      at::Tensor& out32) {
+                      at::Tensor& out) {
   const int64_t m_rows = x.size(0), k_size = x.size(1), n_size = packed.size(0), groups = k_size / group;
-  const at::Tensor x32 = as_f32(x);
-  const at::Tensor sums = group_sums(x32, group);
+#if defined(TEXTGEN_AVX512) && defined(__AVX512BF16__)
+  constexpr bool kNative = std::is_same_v<O, c10::BFloat16>;
+#else
+  constexpr bool kNative = false;
+#endif
+  const at::Tensor x32 = kNative ? x : as_f32(x);
+  const std::vector<float> sums = group_sums(x.data_ptr<O>(), m_rows, k_size, group);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const S* s = sz.data_ptr<S>();
-  const float* xf = x32.data_ptr<float>();
-  const float* xs = sums.data_ptr<float>();
-  float* o = out32.data_ptr<float>();
-  [[maybe_unused]] const bool bf16 = x.scalar_type() == at::kBFloat16;
-  [[maybe_unused]] const c10::BFloat16* xb = bf16 ? x.data_ptr<c10::BFloat16>() : nullptr;
+  [[maybe_unused]] const float* xf = kNative ? nullptr : x32.data_ptr<float>();
+  [[maybe_unused]] const O* xo = x.data_ptr<O>();
+  const float* xs = sums.data();
+  O* o = out.data_ptr<O>();
   at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* wn = w + n * (k_size / 2);
       const S* szn = s + n * groups * 2;
       for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxChunk) {
         const int64_t rows = std::min(kMaxChunk, m_rows - m0);
-        float* on = o + m0 * n_size + n;
+        O* on = o + m0 * n_size + n;
         const float* xsm = xs + m0 * groups;
-#ifdef TEXTGEN_AVX512
-#ifdef __AVX512BF16__
-        if (bf16) {
+        if constexpr (kNative) {
+#if defined(TEXTGEN_AVX512) && defined(__AVX512BF16__)
           by_chunk(rows, [&](auto mb) {
-            int4_row_bf16<decltype(mb)::value>(wn, szn, xb + m0 * k_size, k_size, xsm, k_size, group, on, n_size);
+            int4_row_bf16<decltype(mb)::value>(wn, szn, xo + m0 * k_size, k_size, xsm, k_size, group, on, n_size);
           });
-          continue;
-        }
 #endif
-        by_chunk(rows, [&](auto mb) {
-          int4_row_f32<decltype(mb)::value>(wn, szn, xf + m0 * k_size, k_size, xsm, k_size, group, on, n_size);
-        });
+        } else {
+#ifdef TEXTGEN_AVX512
+          by_chunk(rows, [&](auto mb) {
+            int4_row_f32<decltype(mb)::value>(wn, szn, xf + m0 * k_size, k_size, xsm, k_size, group, on, n_size);
+          });
 #else
-        int4_row_plain(wn, szn, xf + m0 * k_size, k_size, xsm, rows, k_size, group, on, n_size);
+          int4_row_plain(wn, szn, xf + m0 * k_size, k_size, xsm, rows, k_size, group, on, n_size);
 #endif
+        }
       }
     }
   });
@@ -275,37 +306,56 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(scales_zeros.is_contiguous() && scales_zeros.dim() == 3 && scales_zeros.size(0) == n_size &&
                   scales_zeros.size(1) == k_size / group_size && scales_zeros.size(2) == 2,
               "int4 scales_zeros must be a contiguous [N, G, 2] tensor");
-  at::Tensor out32 = at::empty({x.size(0), n_size}, x.options().dtype(at::kFloat));
-  if (scales_zeros.scalar_type() == at::kBFloat16)
-    int4_linear_impl<c10::BFloat16>(x, packed, scales_zeros, group_size, out32);
-  else if (scales_zeros.scalar_type() == at::kFloat)
-    int4_linear_impl<float>(x, packed, scales_zeros, group_size, out32);
-  else
-    TORCH_CHECK(false, "int4 scales_zeros must be bfloat16 or float32, not ", scales_zeros.scalar_type());
-  return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
+  const bool sz_bf16 = scales_zeros.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(sz_bf16 || scales_zeros.scalar_type() == at::kFloat, "int4 scales_zeros must be bfloat16 or float32, not ",
+              scales_zeros.scalar_type());
+  at::Tensor out = at::empty({x.size(0), n_size}, x.options());
+  if (x.scalar_type() == at::kBFloat16) {
+    if (sz_bf16) int4_linear_impl<c10::BFloat16, c10::BFloat16>(x, packed, scales_zeros, group_size, out);
+    else int4_linear_impl<float, c10::BFloat16>(x, packed, scales_zeros, group_size, out);
+  } else {
+    if (sz_bf16) int4_linear_impl<c10::BFloat16, float>(x, packed, scales_zeros, group_size, out);
+    else int4_linear_impl<float, float>(x, packed, scales_zeros, group_size, out);
+  }
+  return out;
 }
 
-template <typename S>
-void int8_linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, at::Tensor& out32) {
+template <typename S, typename O>
+void int8_linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, at::Tensor& out) {
   const int64_t m_rows = x.size(0), k_size = x.size(1), n_size = codes.size(0);
-  const at::Tensor x32 = as_f32(x);
+#if defined(TEXTGEN_AVX512) && defined(__AVX512BF16__)
+  constexpr bool kNative = std::is_same_v<O, c10::BFloat16>;
+#else
+  constexpr bool kNative = false;
+#endif
+  const at::Tensor x32 = kNative ? x : as_f32(x);
   const int8_t* w = codes.data_ptr<int8_t>();
   const S* s = scales.data_ptr<S>();
-  const float* xf = x32.data_ptr<float>();
-  float* o = out32.data_ptr<float>();
+  [[maybe_unused]] const float* xf = kNative ? nullptr : x32.data_ptr<float>();
+  [[maybe_unused]] const O* xo = x.data_ptr<O>();
+  O* o = out.data_ptr<O>();
   at::parallel_for(0, n_size, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float scale = as_float(s[n]);
       for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxChunk) {
         const int64_t rows = std::min(kMaxChunk, m_rows - m0);
-#ifdef TEXTGEN_AVX512
-        by_chunk(rows, [&](auto mb) {
-          int8_row_f32<decltype(mb)::value>(w + n * k_size, scale, xf + m0 * k_size, k_size, k_size,
-                                            o + m0 * n_size + n, n_size);
-        });
-#else
-        int8_row_plain(w + n * k_size, scale, xf + m0 * k_size, k_size, rows, k_size, o + m0 * n_size + n, n_size);
+        if constexpr (kNative) {
+#if defined(TEXTGEN_AVX512) && defined(__AVX512BF16__)
+          by_chunk(rows, [&](auto mb) {
+            int8_row_bf16<decltype(mb)::value>(w + n * k_size, scale, xo + m0 * k_size, k_size, k_size,
+                                               o + m0 * n_size + n, n_size);
+          });
 #endif
+        } else {
+#ifdef TEXTGEN_AVX512
+          by_chunk(rows, [&](auto mb) {
+            int8_row_f32<decltype(mb)::value>(w + n * k_size, scale, xf + m0 * k_size, k_size, k_size,
+                                              o + m0 * n_size + n, n_size);
+          });
+#else
+          int8_row_plain(w + n * k_size, scale, xf + m0 * k_size, k_size, rows, k_size, o + m0 * n_size + n, n_size);
+#endif
+        }
       }
     }
   });
@@ -317,24 +367,32 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   check_activations(x, codes.size(1));
   TORCH_CHECK(scales.is_contiguous() && scales.dim() == 1 && scales.size(0) == codes.size(0),
               "int8 scales must be a contiguous [N] vector");
-  at::Tensor out32 = at::empty({x.size(0), codes.size(0)}, x.options().dtype(at::kFloat));
-  if (scales.scalar_type() == at::kBFloat16)
-    int8_linear_impl<c10::BFloat16>(x, codes, scales, out32);
-  else if (scales.scalar_type() == at::kFloat)
-    int8_linear_impl<float>(x, codes, scales, out32);
-  else
-    TORCH_CHECK(false, "int8 scales must be bfloat16 or float32, not ", scales.scalar_type());
-  return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
+  const bool s_bf16 = scales.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(s_bf16 || scales.scalar_type() == at::kFloat, "int8 scales must be bfloat16 or float32, not ",
+              scales.scalar_type());
+  at::Tensor out = at::empty({x.size(0), codes.size(0)}, x.options());
+  if (x.scalar_type() == at::kBFloat16) {
+    if (s_bf16) int8_linear_impl<c10::BFloat16, c10::BFloat16>(x, codes, scales, out);
+    else int8_linear_impl<float, c10::BFloat16>(x, codes, scales, out);
+  } else {
+    if (s_bf16) int8_linear_impl<c10::BFloat16, float>(x, codes, scales, out);
+    else int8_linear_impl<float, float>(x, codes, scales, out);
+  }
+  return out;
 }
 
 #ifdef TEXTGEN_AVX512
 inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 // fp32 -> bf16 rounding to nearest even (NaN-free inputs), as c10::BFloat16's constructor does.
 inline void store16(c10::BFloat16* dst, __m512 v) {
+#ifdef __AVX512BF16__
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+#else
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+#endif
 }
 #endif
 
