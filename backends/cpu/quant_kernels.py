@@ -36,7 +36,7 @@ from textgen.core.quantization.kernels import PortableKernels, dequantize_int4, 
 
 MAX_PACKED_ROWS = 512  # rows per call up to which torch's packed kernels run (where they serve)
 # rows per call up to which the C++ GEMV kernels run, per weight format; measured, see the docstring
-GEMV_ROWS = {"int4_gemv": 16, "int8": 8}
+GEMV_ROWS = {"int4_gemv": 12, "int8": 8}
 GEMV_DTYPES = (torch.bfloat16, torch.float32)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes the int4 kernel takes
 INT4_BLOCK_CANDIDATES = (64, 32)  # rows per packed block: AVX-512, AVX2

@@ -109,38 +109,45 @@ void int4_row_f32(const uint8_t* w, const S* sz, const float* x, int64_t ldx, co
 
 #ifdef __AVX512BF16__
 // bf16 activations: each code c becomes the bf16 number 128 + c, one dpbf16 per 32 weights.
-template <int MB, typename S>
+// BPG: blocks of 64 codes per group when known at compile time (group 64, 128, 256: the block
+// loop unrolls and the per-group work is all that remains between blocks), 0 = from `group`;
+// block size 32 (group 32, 96, 160, ...) runs the second loop.
+template <int MB, int BPG, typename S>
 void int4_row_bf16(const uint8_t* w, const S* sz, const c10::BFloat16* x, int64_t ldx, const float* xsum,
                    int64_t k_size, int64_t group, c10::BFloat16* out, int64_t ldo) {
-  const int64_t block = int4_block(group), groups = k_size / group;
+  const int64_t groups = k_size / group;
+  const bool block64 = BPG > 0 || int4_block(group) == 64;
+  const int64_t blocks = BPG > 0 ? BPG : (block64 ? group / 64 : group / 32);
   const auto* xb = reinterpret_cast<const uint16_t*>(x);
+  const __m512i low = _mm512_set1_epi16(0xF), magic = _mm512_set1_epi16(0x4300);
   float y[MB] = {};
   __m512 total[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512 acc[MB], acc2[MB];
     for (int m = 0; m < MB; ++m) acc[m] = acc2[m] = _mm512_setzero_ps();
-    if (block == 64) {
-      const __m512i low = _mm512_set1_epi16(0xF), magic = _mm512_set1_epi16(0x4300);
-      for (int64_t b = g * group; b < (g + 1) * group; b += 64) {
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b / 2)));
+    const uint8_t* wg = w + g * group / 2;
+    const uint16_t* xg = xb + g * group;
+    if (block64) {
+#pragma GCC unroll 4
+      for (int64_t i = 0; i < blocks; ++i) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * i)));
         const __m512i lo = _mm512_ternarylogic_epi32(v, low, magic, 0xEA);  // (v & 0xF) | 0x4300
         const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
         for (int m = 0; m < MB; ++m) {
-          const uint16_t* xm = xb + m * ldx + b;
+          const uint16_t* xm = xg + m * ldx + 64 * i;
           acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xm));
           acc2[m] = _mm512_dpbf16_ps(acc2[m], (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xm + 32));
         }
       }
     } else {
-      const __m256i low = _mm256_set1_epi16(0xF), magic = _mm256_set1_epi16(0x4300);
-      for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
-        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b / 2)));
-        const __m256i lo = _mm256_ternarylogic_epi32(v, low, magic, 0xEA);
-        const __m256i hi = _mm256_or_si256(_mm256_srli_epi16(v, 4), magic);
+      for (int64_t i = 0; i < blocks; ++i) {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16 * i)));
+        const __m256i lo = _mm256_ternarylogic_epi32(v, _mm512_castsi512_si256(low), _mm512_castsi512_si256(magic), 0xEA);
+        const __m256i hi = _mm256_or_si256(_mm256_srli_epi16(v, 4), _mm512_castsi512_si256(magic));
         const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
         for (int m = 0; m < MB; ++m)
-          acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)both, (__m512bh)_mm512_loadu_si512(xb + m * ldx + b));
+          acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)both, (__m512bh)_mm512_loadu_si512(xg + m * ldx + 32 * i));
       }
     }
     const float s = as_float(sz[2 * g]), z = as_float(sz[2 * g + 1]);
@@ -278,7 +285,13 @@ void int4_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::T
         if constexpr (kNative) {
 #if defined(TEXTGEN_AVX512) && defined(__AVX512BF16__)
           by_chunk(rows, [&](auto mb) {
-            int4_row_bf16<decltype(mb)::value>(wn, szn, xo + m0 * k_size, k_size, xsm, k_size, group, on, n_size);
+            constexpr int kMB = decltype(mb)::value;
+            switch (group) {
+              case 64: int4_row_bf16<kMB, 1>(wn, szn, xo + m0 * k_size, k_size, xsm, k_size, group, on, n_size); break;
+              case 128: int4_row_bf16<kMB, 2>(wn, szn, xo + m0 * k_size, k_size, xsm, k_size, group, on, n_size); break;
+              case 256: int4_row_bf16<kMB, 4>(wn, szn, xo + m0 * k_size, k_size, xsm, k_size, group, on, n_size); break;
+              default: int4_row_bf16<kMB, 0>(wn, szn, xo + m0 * k_size, k_size, xsm, k_size, group, on, n_size);
+            }
           });
 #endif
         } else {
