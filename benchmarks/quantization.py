@@ -10,6 +10,10 @@ and by CPU time, weight MiB, their ratios to bf16, and the weight bytes read per
 lower bound of the kernels' own rate: the step's attention, norms and Python count too).
 Targets: int4 >= 2x bf16 tokens/s, weights <= 0.3x.
 
+`python benchmarks/quantization.py --step-rows 64 [--threads 1]` times one decode step of 64
+sequences per method in CPU time (the batch the serving target is about, free of a loaded
+machine's scheduling noise).
+
 `python benchmarks/quantization.py --serving [--clients 64] [--methods none int8 int4 fp8
 bitsandbytes bitsandbytes-nf4] [--time-limit 60]` starts `textgen serve --dtype bfloat16
 [--quantize M]` once per method on the same model (its EOS row zeroed, so every request generates
@@ -68,6 +72,36 @@ def decode_main(args: argparse.Namespace) -> None:
               f"{base_cpu / cpu:6.2f}x {size / 2**20:11.1f} {size / base_bytes:6.2f}x {size * args.tokens / cpu / 1e9:6.1f}")
 
 
+def step_main(args: argparse.Namespace) -> None:
+    """CPU time of one decode step of `--step-rows` sequences (32-token prompts prefilled first)
+    through the paged model, per method, best of `--repeats` alternating steps: the linear layers
+    at the serving batch without a server's scheduling and clients, so it holds on a loaded machine."""
+    from textgen.testing.paged_model import PagedModel, Seq
+
+    path, rows = str(build_random_llama(args.model_dir)), args.step_rows
+    torch.set_num_threads(args.threads)
+    print(machine(), f"{args.threads} thread(s), load average before {os.getloadavg()}", flush=True)
+    state = {}
+    for method in (None, "int8", "int4"):
+        paged = PagedModel(load_quantized(path, method, dtype="bfloat16").model, num_blocks=rows * 4 + 8,
+                           max_tokens=max(512, rows * 32), max_seqs=rows)
+        seqs = [Seq(list(range(10 + i, 42 + i))) for i in range(rows)]
+        paged.step([(seq, len(seq.tokens)) for seq in seqs])
+        state[method or "bf16"] = (paged, seqs)
+    best = dict.fromkeys(state, float("inf"))
+    for _ in range(args.repeats + 1):
+        for name, (paged, seqs) in state.items():
+            for seq in seqs:
+                seq.tokens.append(5)
+            start = time.process_time()
+            paged.step([(seq, 1) for seq in seqs])
+            best[name] = min(best[name], time.process_time() - start)
+    print(f"load average after {os.getloadavg()}; one decode step of {rows} sequences, best of {args.repeats + 1}")
+    print("method  CPU ms/step  tokens/CPU-s  x bf16")
+    for name, seconds in best.items():
+        print(f"{name:6} {seconds * 1e3:11.1f} {rows / seconds:13.1f} {best['bf16'] / seconds:7.2f}x")
+
+
 def serve_one(model_dir: Path, method: str, workload: list, args: argparse.Namespace, port: int) -> dict[str, float]:
     """Sustained tokens/s, TTFT p50 and /info weight bytes of one `textgen serve` under the load."""
     import httpx
@@ -115,6 +149,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per method (decode mode)")
     parser.add_argument("--model-dir", default=str(TMP / "textgen-bench-llama-100m"))
     parser.add_argument("--serving", action="store_true", help="sustained rate of a real server under --clients")
+    parser.add_argument("--step-rows", type=int, default=0, help="CPU time of one decode step of this many sequences")
     parser.add_argument("--methods", nargs="+", default=SERVING_METHODS)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -126,7 +161,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18400)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "quantization")
     args = parser.parse_args()
-    serving_main(args) if args.serving else decode_main(args)
+    if args.serving:
+        serving_main(args)
+    elif args.step_rows:
+        step_main(args)
+    else:
+        decode_main(args)
 
 
 if __name__ == "__main__":
