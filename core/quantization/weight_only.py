@@ -1,5 +1,6 @@
 """On-the-fly weight-only quantization of a float checkpoint: `int8` (per output channel,
-symmetric) and `int4` (groups along the input axis, asymmetric). textgen's own method names:
+symmetric) and `int4` (groups along the input axis, asymmetric); both store the LM head (and a
+tied embedding) in int8 (core/quantization/vocab.py). textgen's own method names:
 Hugging Face has no `quant_method` for them; chosen with `--quantize int8|int4`.
 
 The float weight loads exactly as an unquantized layer's (same loaders: fused shards, TP
@@ -71,6 +72,8 @@ class Int8WeightOnly(Quantizer):
 
 class Int4WeightOnly(Quantizer):
     name = "int4"
+    # the vocabulary matrix in int8 too: in bf16 it alone is ~1/5 of an int4 ~100M model's bytes
+    quantizes_vocab = True
 
     @classmethod
     def check(cls, quant_config: dict[str, Any], backend: Backend, dtype: torch.dtype) -> list[str]:
@@ -93,4 +96,4 @@ class Int4WeightOnly(Quantizer):
         self.kernels.pack_int4(layer, codes, scales, zeros, size)
 
     def describe(self) -> str:
-        return f"int4 weight-only, group {self.group_size} (kernels: {self.kernels.describe()})"
+        return f"int4 weight-only, group {self.group_size}, LM head int8 (kernels: {self.kernels.describe()})"

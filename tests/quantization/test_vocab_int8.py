@@ -29,3 +29,19 @@ def test_int8_lm_head_and_tied_embedding(tiny_model_factory):
     assert (got - prefill_logits(dequantized, PROMPT)).abs().max() < 1e-4
     assert greedy(quantized.model, PROMPT, 6) == greedy(dequantized, PROMPT, 6)
     assert "LM head int8" in quantized.quantization
+
+
+def test_int4_stores_the_vocabulary_in_int8(tiny_model_factory):
+    """`--quantize int4` keeps the LM head and the tied embedding in int8 (int4 linear layers):
+    the model equals its dequantized float copy."""
+    path = tiny_model_factory("llama", tie_word_embeddings=True)
+    quantized = load_quantized(path, "int4")
+    head = next(m for m in quantized.model.modules() if isinstance(m, LMHead))
+    embedding = next(m for m in quantized.model.modules() if isinstance(m, VocabEmbedding))
+    assert head.int8_codes.dtype == torch.int8 and embedding.int8_codes.data_ptr() == head.int8_codes.data_ptr()
+    dequantized = load_quantized(path).model
+    copy_dequantized(quantized.model, dequantized)
+    got = prefill_logits(quantized.model, PROMPT)
+    assert (got - prefill_logits(dequantized, PROMPT)).abs().max() < 1e-4
+    assert greedy(quantized.model, PROMPT, 6) == greedy(dequantized, PROMPT, 6)
+    assert "LM head int8" in quantized.quantization
