@@ -22,37 +22,21 @@ says why and the CPU kernels keep torch's packed kernels.
 from __future__ import annotations
 
 import functools
-import logging
-import os
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger("textgen.cpu")
+from textgen.backends.cpu import cpp_build
 
-_SOURCE = Path(__file__).with_name("csrc") / "quant_gemv.cpp"
 ENV_SWITCH = "TEXTGEN_CPU_QUANT_GEMV"
 
 
 @functools.cache
 def build_problem() -> str | None:
     """None once the ops are loaded (built if needed); else why they cannot be."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return f"disabled by {ENV_SWITCH}=0"
-    try:
-        from torch.utils import cpp_extension
-
-        log.info("loading the CPU int8/int4 GEMV kernels (compiled once per machine into %s)",
-                 cpp_extension._get_build_directory("textgen_cpu_quant_gemv", verbose=False))
-        cpp_extension.load(
-            name="textgen_cpu_quant_gemv", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:  # no compiler, no ninja, a failed build: torch's packed kernels serve
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"its C++ kernel could not be built ({type(exc).__name__}: {first})"
-    _register_fakes()
-    return None
+    problem = cpp_build.build_problem("textgen_cpu_quant_gemv", "quant_gemv.cpp", ENV_SWITCH)
+    if problem is None:
+        _register_fakes()
+    return problem
 
 
 def available() -> bool:
