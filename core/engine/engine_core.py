@@ -52,8 +52,8 @@ class EngineCore:
         gen, seed = request_generator(params.seed, not params.is_greedy, self.runner.generator_device)
         # an encoder-decoder's output does not continue its prompt: detokenize it on its own
         context = request.prompt_token_ids if getattr(self.runner, "outputs_continue_prompt", True) else []
-        st = RequestState(request, sink, IncrementalDetokenizer.for_prompt(self.tokenizer, context),
-                          StopMatcher(list(params.stop)), gen, seed)
+        detok = IncrementalDetokenizer.for_prompt(self.tokenizer, context, self.events.special_ids, self.events.decode)
+        st = RequestState(request, sink, detok, StopMatcher(list(params.stop)), gen, seed)
         if request.request_id in self.states:
             st.emit(EventBuilder.final_event(st, "error", f"duplicate request id {request.request_id}"))
             return
