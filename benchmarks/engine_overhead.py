@@ -98,8 +98,9 @@ def main() -> None:
     prefill_tokens = sum(r.num_tokens - r.batch_size for r in records)  # beyond one token per row
     print(f"# engine overhead: {args.clients} clients, {args.steps} steps, {args.dtype}, {args.threads} thread(s), "
           f"{machine()}, load {os.getloadavg()[0]:.1f}")
-    print(f"# wall {wall:.2f} s, thread CPU {cpu:.2f} s, {tokens / wall:.1f} scheduled rows/s, "
-          f"{sum(r.num_tokens for r in records) / wall:.1f} tokens/s ({prefill_tokens} extra prompt tokens)")
+    print(f"# wall {wall:.2f} s, thread CPU {cpu:.2f} s, {tokens / wall:.1f} scheduled rows/s "
+          f"({tokens / cpu:.1f} per thread-CPU s), {sum(r.num_tokens for r in records) / wall:.1f} tokens/s "
+          f"({prefill_tokens} extra prompt tokens)")
     print("| steps | n | ms/step | model ms | overhead ms | overhead share | loop | schedule | inputs+sampling "
           "| update | events |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
