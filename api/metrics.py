@@ -10,6 +10,11 @@ decode = token events (detokenization, stop strings); concat = a step where pref
 decoding requests (reason "chunking": continuous batching at token granularity), its duration
 the scheduler's. `tgi_request_skipped_tokens` is TGI's (tokens emitted - 1) per request and step:
 the draft tokens accepted, observed only when speculative decoding is on (`--speculate`).
+textgen adds the engine-overhead attribution per step: `textgen_batch_step_duration` (the whole
+step, including the engine loop's work since the previous step), `textgen_batch_model_forward_duration`
+(the model's forward and logits only) and `textgen_batch_overhead_duration` (their difference:
+scheduling, input preparation, sampling, bookkeeping, token events), so the overhead share is
+`overhead_duration_sum / step_duration_sum`.
 
 TGI's exporter writes counters without the `_total` suffix (`tgi_request_count 3`), which
 prometheus-client cannot produce, so counters are kept and rendered here; histograms and gauges
@@ -152,6 +157,12 @@ class Metrics:
         self.batch_decode = timed("tgi_batch_decode_duration", "Token event and detokenization duration (s)")
         self.batch_filter = timed("tgi_batch_filter_duration", "Scheduler update duration of a step (s)")
         self.batch_concat = timed("tgi_batch_concat_duration", "Scheduling duration of a concatenating step (s)")
+        self.step_duration = timed("textgen_batch_step_duration",
+                                   "Whole engine step, with the loop's work since the previous step (s)")
+        self.model_forward = timed("textgen_batch_model_forward_duration",
+                                   "Model forward and logits within a step (s)")
+        self.step_overhead = timed("textgen_batch_overhead_duration",
+                                   "Engine step minus the model forward: scheduling, inputs, sampling, events (s)")
 
     def request(self) -> None:
         self.counters.inc("tgi_request_count")
@@ -184,6 +195,9 @@ class Metrics:
         self.batch_forward.labels(r.method).observe(r.forward_s)
         self.batch_filter.labels(r.method).observe(r.update_s)
         self.batch_decode.labels(r.method).observe(r.emit_s)
+        self.step_duration.labels(r.method).observe(r.step_s)
+        self.model_forward.labels(r.method).observe(r.model_s)
+        self.step_overhead.labels(r.method).observe(r.overhead_s)
         for accepted in r.skipped_tokens:  # one per request-step, only with speculative decoding on
             self.skipped.observe(accepted)
         if r.concatenated:

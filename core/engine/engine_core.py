@@ -43,6 +43,7 @@ class EngineCore:
         self.last_step_tokens = 0
         self.step_observers: list[Callable[[StepRecord], None]] = []  # called on the engine thread
         self.spec = parts.spec_decoder  # SpecDecoder | None (speculative decoding)
+        self._busy_since: float | None = None  # when the last step ended with work left (perf_counter)
 
     # -- requests in ----------------------------------------------------------------------
 
@@ -51,8 +52,8 @@ class EngineCore:
         gen, seed = request_generator(params.seed, not params.is_greedy, self.runner.generator_device)
         # an encoder-decoder's output does not continue its prompt: detokenize it on its own
         context = request.prompt_token_ids if getattr(self.runner, "outputs_continue_prompt", True) else []
-        st = RequestState(request, sink, IncrementalDetokenizer.for_prompt(self.tokenizer, context),
-                          StopMatcher(list(params.stop)), gen, seed)
+        detok = IncrementalDetokenizer.for_prompt(self.tokenizer, context, self.events.special_ids, self.events.decode)
+        st = RequestState(request, sink, detok, StopMatcher(list(params.stop)), gen, seed)
         if request.request_id in self.states:
             st.emit(EventBuilder.final_event(st, "error", f"duplicate request id {request.request_id}"))
             return
@@ -129,6 +130,15 @@ class EngineCore:
 
     def step(self) -> bool:
         """Run one engine step; return False when there was nothing to run."""
+        entered = time.perf_counter()
+        # the loop's work since the last step (commands, stats, observers) counts as this step's
+        loop_s = entered - self._busy_since if self._busy_since is not None else 0.0
+        try:
+            return self._step(entered, loop_s)
+        finally:
+            self._busy_since = time.perf_counter() if self.has_work() else None
+
+    def _step(self, entered: float, loop_s: float) -> bool:
         self._admit_compiled_grammars()
         started = time.perf_counter()
         if self.spec is not None:
@@ -156,7 +166,8 @@ class EngineCore:
             skipped = tuple(len(t.accepted) for t in result.sampled.values()) if self.spec is not None else ()
             self._observe(StepRecord(
                 method, len(out.scheduled), out.num_scheduled_tokens, concatenated,
-                scheduled - started, executed - scheduled, update_s, emit_s, failed, skipped))
+                scheduled - started, executed - scheduled, update_s, emit_s, failed, skipped,
+                model_s=result.model_s, loop_s=loop_s + started - entered))
         return True
 
     def _observe(self, record: StepRecord) -> None:
@@ -197,6 +208,7 @@ class EngineCore:
             kept.append(s)
             merged.sampled.update(res.sampled)
             merged.prompt_logprobs.update(res.prompt_logprobs)
+            merged.model_s += res.model_s
         return replace(out, scheduled=kept, num_scheduled_tokens=sum(s.num_new_tokens for s in kept)), merged, True
 
     def _fail_scheduled(self, s: Any, exc: Exception) -> None:

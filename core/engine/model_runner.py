@@ -9,6 +9,7 @@ activation peak; `allocate_kv_cache` and `prepare` size the cache and the step b
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ class SampledToken:
 class StepResult:
     sampled: dict[str, SampledToken]
     prompt_logprobs: dict[str, list[float]]  # logprob of prompt tokens computed this step, in order
+    model_s: float = 0.0  # seconds in the model's forward and logits (the rest is the runner's overhead)
 
 
 @dataclass(slots=True)
@@ -76,6 +78,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.static_sampler: StaticSampler | None = None  # when the graph rule asks for static shapes
         self.medusa: MedusaProposer | None = None  # Medusa heads: fed each step's sampled hidden rows
+        self.model_s = 0.0  # the model's forward and logits in the current execute() (seconds)
+        self._sync_timing = backend.device.type != "cpu"  # an asynchronous device is timed to completion
 
     @property
     def vocab_size(self) -> int:
@@ -152,6 +156,7 @@ class ModelRunner:
                 allowed_mask: torch.Tensor | None = None) -> StepResult:
         """Run one step. `allowed_mask` (bool [S, V]) rows follow the order of the scheduled
         requests whose `sample` is True; disallowed tokens are never sampled (grammars)."""
+        self.model_s = 0.0
         with self.backend.inference_mode():
             keep = self.static_sampler is not None
             hidden = self._forward_with_lora(out, keep) if self.lora is not None else self.forward_step(out.scheduled, keep)
@@ -161,7 +166,7 @@ class ModelRunner:
             sampled = self._sample(out, hidden, starts, rows, allowed_mask)
             if self.medusa is not None:
                 self.medusa.observe(out, hidden, starts, sampled)
-        return StepResult(sampled, prompt_lp)
+        return StepResult(sampled, prompt_lp, self.model_s)
 
     def _forward_with_lora(self, out: SchedulerOutput, keep_padding: bool) -> torch.Tensor:
         """The step's forward with each token's LoRA adapter applied (eager: graphs hold no LoRA)."""
@@ -180,13 +185,27 @@ class ModelRunner:
             if bucket is not None:
                 step = graphs.fill(self._buffers, scheduled, bucket, self.pad_slot)
                 ctx = ForwardContext(self._builder.build(step), self.kv_caches)
-                hidden = graphs.run(bucket, step, ctx)
+                hidden = self._timed(graphs.run, bucket, step, ctx)
                 return hidden if keep_padding else hidden[: sum(s.num_new_tokens for s in scheduled)]
         return self._forward(self._buffers.fill(scheduled))
 
     def _forward(self, step: StepTensors) -> torch.Tensor:
         ctx = ForwardContext(self._builder.build(step), self.kv_caches)
-        return self.model(step.input_ids, step.positions, ctx)
+        return self._timed(self.model, step.input_ids, step.positions, ctx)
+
+    def _timed(self, fn: Any, *args: Any) -> Any:
+        """fn(*args), its time added to `model_s` (on an asynchronous device after a synchronize:
+        one more host sync per model call, so the step metrics can tell the model from the rest)."""
+        started = time.perf_counter()
+        result = fn(*args)
+        if self._sync_timing:
+            self.backend.synchronize()
+        self.model_s += time.perf_counter() - started
+        return result
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits for `hidden`, timed into `model_s`."""
+        return self._timed(self.model.compute_logits, hidden)
 
     def build_metadata(self, step: StepTensors) -> Any:
         return self._builder.build(step)
@@ -203,16 +222,16 @@ class ModelRunner:
         if any(s.spec_token_ids for _, s in picked):
             from textgen.core.spec_decode.verify import sample_with_drafts
 
-            return sample_with_drafts(self.sampler, self.model.compute_logits, hidden, starts, picked, rows, allowed)
+            return sample_with_drafts(self.sampler, self.compute_logits, hidden, starts, picked, rows, allowed)
         last = [int(starts[i]) + s.num_new_tokens - 1 for i, s in picked]
         reqs = [s.request for _, s in picked]
         row = [rows[r.request_id] for r in reqs]
         if self.static_sampler is not None:
             sampled = SampledRows([r.params for r in row], [r.prompt_token_ids for r in reqs],
                                   [r.output_token_ids for r in reqs], [r.generator for r in row], allowed)
-            return self._to_sampled(reqs, self.static_sampler.sample(hidden, last, self.model.compute_logits, sampled))
+            return self._to_sampled(reqs, self.static_sampler.sample(hidden, last, self.compute_logits, sampled))
         index = torch.tensor(last, device=hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, index))
+        logits = self.compute_logits(hidden.index_select(0, index))
         batch = SamplingBatch.build(
             [r.params for r in row], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
             [r.generator for r in row], logits.shape[-1], logits.device,
@@ -243,7 +262,7 @@ class ModelRunner:
                 continue
             lo, n = int(starts[i]), s.num_new_tokens
             ids = r.prompt_token_ids[s.num_computed_tokens: s.num_computed_tokens + n + 1]
-            logits = self.model.compute_logits(hidden[lo: lo + n])
+            logits = self.compute_logits(hidden[lo: lo + n])
             result[r.request_id] = compute_prompt_logprobs(logits, ids).tolist()
         return result
 

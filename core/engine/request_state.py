@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher, raw_decoder
 from textgen.core.engine.types import EngineRequest, RequestOutput, TokenInfo
 from textgen.core.sampling import make_generator
 
@@ -58,9 +58,10 @@ class EventBuilder:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
+        self.decode = raw_decoder(tokenizer)  # shared by every request's IncrementalDetokenizer
 
     def token_info(self, token_id: int, logprob: float | None) -> TokenInfo:
-        text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text = self.decode([token_id])
         return TokenInfo(token_id, text, logprob, token_id in self.special_ids)
 
     def token_event(self, st: RequestState, sampled: SampledToken, num_cached: int) -> tuple[RequestOutput, str | None]:

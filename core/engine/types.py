@@ -95,6 +95,12 @@ class StepRecord:
       forward, grammar masks, sampling); update_s: appending tokens, publishing KV blocks, stop
       checks and freeing finished requests; emit_s: token events (detokenization, stop strings);
     - failed: the batch's first forward raised (its requests were then retried one by one);
+    - model_s: the model's own forward and logits inside forward_s (what is left of forward_s is
+      input preparation, attention metadata and sampling); 0 from a runner that does not time it;
+    - loop_s: the engine loop's work between the previous step and this one (queued requests and
+      aborts applied, stats, step observers; compiled grammars admitted), 0 after an idle wait;
+    - step_s: the whole step, loop_s + schedule_s + forward_s + update_s + emit_s, so the
+      engine's overhead (everything but the model) is step_s - model_s;
     - skipped_tokens: with speculative decoding on, one entry per request that got tokens this
       step: its accepted draft tokens (TGI's tgi_request_skipped_tokens, tokens emitted - 1);
       empty when speculation is off.
@@ -110,3 +116,14 @@ class StepRecord:
     emit_s: float
     failed: bool
     skipped_tokens: tuple[int, ...] = ()
+    model_s: float = 0.0
+    loop_s: float = 0.0
+
+    @property
+    def step_s(self) -> float:
+        return self.loop_s + self.schedule_s + self.forward_s + self.update_s + self.emit_s
+
+    @property
+    def overhead_s(self) -> float:
+        """Everything in the step but the model's forward and logits."""
+        return max(0.0, self.step_s - self.model_s)

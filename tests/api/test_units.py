@@ -140,7 +140,7 @@ def test_step_records_feed_tgi_batch_series():
     stats = EngineStats(0, 0, 0.0, 0, 0, 0, 8, 16)
     m = Metrics(1023, 1024, 2048, lambda: stats)
     m.step(StepRecord("prefill", 3, 40, True, 0.001, 0.02, 0.002, 0.003, False))
-    m.step(StepRecord("decode", 2, 2, False, 0.001, 0.01, 0.001, 0.001, True))
+    m.step(StepRecord("decode", 2, 2, False, 0.001, 0.01, 0.001, 0.001, True, model_s=0.008, loop_s=0.002))
     text = m.render().decode()
     for line in ('tgi_batch_inference_count{method="prefill"} 1.0', 'tgi_batch_inference_success{method="prefill"} 1.0',
                  'tgi_batch_inference_failure{method="decode"} 1.0', 'tgi_batch_inference_success{method="decode"} 0.0',
@@ -152,6 +152,14 @@ def test_step_records_feed_tgi_batch_series():
                  'tgi_batch_decode_duration_sum{method="prefill"} 0.003',
                  'tgi_batch_concat_duration_count{method="decode"} 1.0'):
         assert f"\n{line}\n" in text, line
+    # the overhead attribution: step = loop + schedule + forward + filter + decode; overhead = step - model
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("textgen_batch_"))
+    for name, want in (('textgen_batch_step_duration_sum{method="decode"}', 0.015),
+                       ('textgen_batch_model_forward_duration_sum{method="decode"}', 0.008),
+                       ('textgen_batch_overhead_duration_sum{method="decode"}', 0.007),
+                       ('textgen_batch_overhead_duration_sum{method="prefill"}', 0.026),
+                       ('textgen_batch_step_duration_count{method="prefill"}', 1.0)):
+        assert float(values[name]) == pytest.approx(want), name
 
 
 def test_extra_metrics_listener_and_json_logs():

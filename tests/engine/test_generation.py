@@ -152,3 +152,8 @@ def test_step_records_say_prefill_decode_and_concatenation(tiny_llama):
         ("decode", 1, False, False), ("decode", 1, False, False)]
     assert records[0].num_tokens == len(ids) and records[2].num_tokens == 1 + 5
     assert all(r.forward_s > 0 and r.update_s >= 0 and r.emit_s >= 0 and r.schedule_s >= 0 for r in records)
+    # the model's own time is a part of the runner's, and the step's overhead is the rest of the step
+    assert all(0 < r.model_s < r.forward_s and r.overhead_s > 0 for r in records)
+    assert all(r.step_s == r.loop_s + r.schedule_s + r.forward_s + r.update_s + r.emit_s for r in records)
+    # the first step follows an idle engine; later ones count the loop's work since the step before
+    assert records[0].loop_s >= 0 and all(r.loop_s > 0 for r in records[1:])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from textgen.core.engine.detokenizer import IncrementalDetokenizer, StopMatcher, raw_decoder
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,29 @@ def test_incremental_text_equals_full_decode(tokenizer, text):
     deltas = [detok.add(i)[1] for i in ids]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_raw_decoder_is_the_tokenizers_decode(tokenizer):
+    """The direct Rust decode gives what transformers' decode gives (specials kept, no clean-up),
+    and a tokenizer class that overrides decoding keeps its own decode."""
+    ids = tokenizer.encode("def héllo(x):\n    return x  ,  . 🐍", add_special_tokens=False)
+    ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    decode = raw_decoder(tokenizer)
+    assert decode.__code__ is not raw_decoder(object()).__code__  # the fast path was taken
+    for end in range(1, len(ids) + 1):
+        for start in range(0, end, 3):
+            want = tokenizer.decode(ids[start:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            assert decode(ids[start:end]) == want
+
+    class Shouting(type(tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    tokenizer.__class__ = Shouting
+    try:
+        assert raw_decoder(tokenizer)(ids[1:4]) == tokenizer.decode(ids[1:4], skip_special_tokens=False).upper() != ""
+    finally:
+        tokenizer.__class__ = Shouting.__mro__[1]
 
 
 def test_special_tokens_are_reported_but_not_in_the_text(tokenizer):
