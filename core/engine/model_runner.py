@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from textgen.core.backend import Backend
     from textgen.core.config import EngineConfig
     from textgen.core.graphs import DecodeGraphs
-    from textgen.core.scheduler import ScheduledRequest, SchedulerOutput
+    from textgen.core.scheduler import Request, ScheduledRequest, SchedulerOutput
     from textgen.core.spec_decode.medusa import MedusaProposer
 
 
@@ -238,6 +238,20 @@ class ModelRunner:
         )
         res = self.sampler(logits, batch, fit_allowed_mask(allowed, logits))
         return self._to_sampled(reqs, res)
+
+    @staticmethod
+    def sample_whole_requests(sampler: Sampler, reqs: list[Request], logits: torch.Tensor,
+                              rows: dict[str, RowSampling], allowed: torch.Tensor | None) -> dict[str, SampledToken]:
+        """One logits row per request (runners that keep their own model state: seq2seq, a
+        backend's slot runner): the requests' parameters, histories and generators, the grammar
+        mask cut to the vocabulary, one sampler call."""
+        row = [rows[r.request_id] for r in reqs]
+        batch = SamplingBatch.build([r.params for r in row], [r.prompt_token_ids for r in reqs],
+                                    [r.output_token_ids for r in reqs], [r.generator for r in row],
+                                    logits.shape[-1], logits.device)
+        if allowed is not None:
+            allowed = allowed.to(logits.device)[:, : logits.shape[-1]]
+        return ModelRunner._to_sampled(reqs, sampler(logits, batch, allowed))
 
     @staticmethod
     def _to_sampled(reqs: list[Any], res: Any) -> dict[str, SampledToken]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from textgen.core.engine.model_runner import ModelRunner, RowSampling, SampledToken, StepResult
-from textgen.core.sampling import Sampler, SamplingBatch
+from textgen.core.sampling import Sampler
 
 if TYPE_CHECKING:
     from textgen.core.backend import Backend
@@ -133,10 +133,4 @@ class Seq2SeqRunner:
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor, rows: dict[str, RowSampling],
                 allowed: torch.Tensor | None) -> dict[str, SampledToken]:
-        row = [rows[r.request_id] for r in reqs]
-        batch = SamplingBatch.build([r.params for r in row], [r.prompt_token_ids for r in reqs],
-                                    [r.output_token_ids for r in reqs], [r.generator for r in row],
-                                    logits.shape[-1], logits.device)
-        if allowed is not None:
-            allowed = allowed.to(logits.device)[:, : logits.shape[-1]]
-        return ModelRunner._to_sampled(reqs, self.sampler(logits, batch, allowed))
+        return ModelRunner.sample_whole_requests(self.sampler, reqs, logits, rows, allowed)
